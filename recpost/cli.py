@@ -1,0 +1,107 @@
+"""``recpost`` command line: ``fit | validate | test | predict`` (LightningCLI).
+
+``model.class_path`` picks the method (``recpost.methods.SFT``, ...); ``data.n_items``,
+``data.item_map_hash`` and ``data.max_len`` are linked into the model. Configs compose left to
+right after the subcommand: ``recpost fit --config data.yaml --config method.yaml --trainer.max_epochs 5``.
+
+Every run writes into ``<trainer.default_root_dir>/lightning_logs/version_N/``: ``config.yaml``,
+``metrics.csv``, ``checkpoints/best.ckpt`` (best ``val/ndcg@10``) for ``fit``, and
+``val_metrics.json`` / ``test_metrics.json`` for ``validate`` / ``test``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from recpost.data import RecDataModule
+from recpost.errors import RecpostError
+from recpost.methods import RecModule
+
+DEFAULT_ROOT_DIR = "runs"
+MONITOR = "val/ndcg@10"
+
+
+class MetricsWriter(L.Callback):
+    """Writes the final evaluation metrics of ``validate`` / ``test`` as flat JSON into the log dir.
+
+    The file is written to a temporary name and renamed, so an interrupted run never leaves a file
+    that looks complete. Ranks other than 0 write nothing.
+    """
+
+    def _write(self, trainer: L.Trainer, stage: str) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        if not trainer.is_global_zero or not metrics:
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"{stage}_metrics.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2))
+        os.replace(tmp, path)
+        print(f"{stage} metrics written to {path}")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, "test")
+
+
+class RecpostCLI(LightningCLI):
+    """LightningCLI with recpost's links, best-checkpoint selection and default CSV logging."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.max_len", "model.init_args.max_len")
+        parser.link_arguments("data.n_items", "model.init_args.n_items", apply_on="instantiate")
+        parser.link_arguments("data.item_map_hash", "model.init_args.item_map_hash", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": MONITOR,
+            "checkpoint.mode": "max",
+            "checkpoint.filename": "best",
+            "checkpoint.auto_insert_metric_name": False,
+            "trainer.default_root_dir": DEFAULT_ROOT_DIR,
+        })
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        if trainer.get("logger") in (None, True):
+            # CSV logs always (no TensorBoard dependency); W&B is added through trainer.logger.
+            trainer["logger"] = {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": trainer.get("default_root_dir") or DEFAULT_ROOT_DIR},
+            }
+        callbacks = trainer.get("callbacks") or []
+        trainer["callbacks"] = [*callbacks, {"class_path": "recpost.cli.MetricsWriter"}]
+
+
+def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:
+    return RecpostCLI(
+        RecModule,
+        RecDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``recpost`` console script and ``python -m recpost``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run_lightning_cli(argv)
+    except RecpostError as exc:
+        rank_zero_only(print)(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

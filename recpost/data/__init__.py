@@ -1,0 +1,6 @@
+"""Data layer: sources -> canonical interactions -> cached sequences -> splits -> batches."""
+
+from recpost.data.datamodule import RecDataModule
+from recpost.data.sources import Amazon, MovieLens, Source, Table
+
+__all__ = ["Amazon", "MovieLens", "RecDataModule", "Source", "Table"]

@@ -1,0 +1,264 @@
+"""``RecDataModule``: splits, training windows and evaluation batches for every method.
+
+Split (leave-one-out per user): the last interaction is the test target, the second to last the
+validation target, the rest the training sequence. Validation histories stop before the validation
+target; test histories include it (it happened before the test target) but never the test target.
+Nothing of a target - id, rating or timestamp - enters the model's input.
+
+Batches are built in the collate function from index arrays with numpy fancy indexing (one gather
+per batch, no per-row Python), left-padded with item 0 so the newest item is always last.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from recpost.data.interactions import Interactions, PreprocessOptions, build_cache, load_cache
+from recpost.data.sources import Source
+from recpost.errors import RecpostError
+
+log = logging.getLogger(__name__)
+
+# Evaluation split names -> how many trailing interactions are held out after the history.
+_HELD_OUT = {"val": 2, "test": 1, "predict": 0}
+
+
+class _IndexDataset(Dataset):
+    """A dataset of row indices; the collate function turns a list of them into one batch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _gather_left_padded(values: np.ndarray, start: np.ndarray, end: np.ndarray, width: int, fill=0) -> np.ndarray:
+    """``values[start:end]`` per row, right-aligned in a ``[B, width]`` array (the last ``width`` kept)."""
+    idx = end[:, None] - width + np.arange(width)[None, :]  # [B, W]
+    valid = idx >= np.maximum(start, end - width)[:, None]
+    out = values[np.clip(idx, 0, len(values) - 1)]
+    return np.where(valid, out, fill)
+
+
+class RecDataModule(L.LightningDataModule):
+    """Data for training and evaluating sequential recommenders.
+
+    Args:
+        source: where the interactions come from (``recpost.data.MovieLens``, ``Amazon``, ``Table``,
+            ``Simulator``).
+        max_len: longest history the model sees (positions). Training sequences longer than
+            ``max_len + 1`` are cut into consecutive windows so every interaction is a target once.
+        batch_size: training windows per batch.
+        eval_batch_size: users per evaluation batch.
+        min_interactions: iterative k-core filter on users and items (0 = off; Amazon's usual: 5).
+        duplicates: exact (user, item, timestamp) repeats are dropped with a warning (``drop``) or
+            rejected (``error``).
+        keep_repeats: keep later interactions with an item the user already had. Off by default:
+            rating data has one rating per item, and with history masking a repeated target could
+            never be recommended.
+        reward_transform: observed reward from the rating: ``identity`` (stars as they are),
+            ``centered`` (rating minus the training mean) or ``minmax`` (mapped to [0, 1] over the
+            source's rating range). Exp-weighted SFT's ``lam`` is on this scale.
+        liked_threshold: targets with rating >= this count as liked (``*_liked`` metrics).
+        num_workers: DataLoader workers (batches are gathered vectorised; 0 is usually fastest).
+        cache_dir: where the preprocessed interactions live; default ``$RECPOST_CACHE_DIR`` or
+            ``~/.cache/recpost/cache``.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        max_len: int = 50,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        min_interactions: int = 0,
+        duplicates: Literal["drop", "error"] = "drop",
+        keep_repeats: bool = False,
+        reward_transform: Literal["identity", "centered", "minmax"] = "identity",
+        liked_threshold: float = 4.0,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if max_len < 2:
+            raise RecpostError(f"data.max_len must be >= 2 (got {max_len}): a model needs at least one past item and one target")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise RecpostError("data.batch_size and data.eval_batch_size must be >= 1")
+        if min_interactions < 0:
+            raise RecpostError(f"data.min_interactions must be >= 0 (got {min_interactions})")
+        self.source = source
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.options = PreprocessOptions(min_interactions=min_interactions, duplicates=duplicates, keep_repeats=keep_repeats)
+        self.reward_transform = reward_transform
+        self.liked_threshold = liked_threshold
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._data: Interactions | None = None
+        self._windows: tuple[np.ndarray, np.ndarray] | None = None
+        self._ground_truth = None
+
+    # ----------------------------------------------------------------------------------- loading
+    def prepare_data(self) -> None:
+        build_cache(self.source, self.options, self.cache_dir)
+
+    @property
+    def data(self) -> Interactions:
+        """The cached interactions (built on first use; every DDP rank opens the same files)."""
+        if self._data is None:
+            self._data = load_cache(build_cache(self.source, self.options, self.cache_dir))
+        return self._data
+
+    @property
+    def n_items(self) -> int:
+        """Catalog size (internal ids 1..n_items; 0 is padding). Linked into the model."""
+        return self.data.n_items
+
+    @property
+    def item_map_hash(self) -> str:
+        """Identifies the item id map; stored in every checkpoint and checked when loading one."""
+        return self.data.item_map_hash
+
+    @property
+    def ground_truth(self):
+        """True rewards for evaluation, when the source knows them (the simulator); else ``None``."""
+        if self._ground_truth is None and hasattr(self.source, "ground_truth"):
+            self._ground_truth = self.source.ground_truth(self.data)
+        return self._ground_truth
+
+    def setup(self, stage: str | None = None) -> None:
+        data = self.data
+        stats = data.meta
+        log.info(
+            "%s: %d users, %d items, %d interactions (dropped %d short users)",
+            self.source.name, data.n_users, data.n_items, len(data.item), stats.get("dropped_short_users", 0),
+        )
+
+    # ----------------------------------------------------------------------------------- rewards
+    def rewards(self, rating: np.ndarray) -> np.ndarray:
+        """Observed reward of a rating under ``reward_transform``."""
+        if self.reward_transform == "identity":
+            return rating
+        if self.reward_transform == "centered":
+            return rating - self._train_mean_rating
+        lo, hi = self.source.rating_range
+        return (rating - lo) / (hi - lo)
+
+    @property
+    def _train_mean_rating(self) -> float:
+        d = self.data
+        starts, ends = d.offsets[:-1], d.offsets[1:] - 2
+        mask = np.zeros(len(d.item) + 1, dtype=np.int64)
+        np.add.at(mask, starts, 1)
+        np.add.at(mask, ends, -1)
+        in_train = np.cumsum(mask)[:-1] > 0
+        return float(d.rating[in_train].mean())
+
+    # ----------------------------------------------------------------------------------- training
+    def train_windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) of every training window: up to ``max_len + 1`` items, the newest first.
+
+        A user's training sequence ``[s, e)`` yields ``e - s - 1`` next-item targets, cut from the end
+        into windows of ``max_len`` targets; consecutive windows share one item (the older window's
+        last target is the newer window's first input), so every target is used exactly once.
+        """
+        if self._windows is None:
+            d = self.data
+            start = d.offsets[:-1]
+            end = d.offsets[1:] - _HELD_OUT["val"]
+            n_targets = end - start - 1
+            n_win = np.where(n_targets > 0, -(-n_targets // self.max_len), 0)
+            user = np.repeat(np.arange(d.n_users), n_win)
+            k = np.arange(n_win.sum()) - np.repeat(np.cumsum(n_win) - n_win, n_win)  # window index within user
+            w_end = end[user] - k * self.max_len
+            w_start = np.maximum(start[user], w_end - self.max_len - 1)
+            self._windows = (w_start, w_end)
+            if len(w_start) == 0:
+                raise RecpostError(f"{self.source.name}: no training targets (every user has < 2 training interactions)")
+        return self._windows
+
+    def _collate_train(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        d = self.data
+        w_start, w_end = self.train_windows()
+        s, e = w_start[idx], w_end[idx]
+        width = int((e - s).max())  # items incl. the last target; inputs are width - 1
+        items = _gather_left_padded(d.item, s, e, width)  # [B, W]
+        ratings = _gather_left_padded(d.rating, s, e, width, fill=0.0).astype(np.float32)
+        inputs, targets = items[:, :-1], items[:, 1:]
+        targets = np.where(inputs > 0, targets, 0)  # the first item of a window is input only
+        target_ratings = np.where(targets > 0, ratings[:, 1:], 0.0)
+        return {
+            "input_items": torch.from_numpy(inputs),  # [B, L]
+            "input_ratings": torch.from_numpy(np.ascontiguousarray(ratings[:, :-1])),  # [B, L]
+            "target_items": torch.from_numpy(np.ascontiguousarray(targets)),  # [B, L], 0 = no target
+            "target_ratings": torch.from_numpy(target_ratings.astype(np.float32)),  # [B, L]
+            "rewards": torch.from_numpy(self.rewards(target_ratings).astype(np.float32)),  # [B, L]
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        n = len(self.train_windows()[0])
+        return DataLoader(
+            _IndexDataset(n), batch_size=self.batch_size, shuffle=True, collate_fn=self._collate_train,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def _collate_eval(self, users: list[int], split: str) -> dict[str, torch.Tensor]:
+        d = self.data
+        u = np.asarray(users, dtype=np.int64)
+        start = d.offsets[u]
+        hist_end = d.offsets[u + 1] - _HELD_OUT[split]
+        width = int(min(self.max_len, (hist_end - start).max()))
+        batch = {
+            "user_index": torch.from_numpy(u),  # [B]
+            "input_items": torch.from_numpy(_gather_left_padded(d.item, start, hist_end, width)),  # [B, L]
+            "input_ratings": torch.from_numpy(
+                _gather_left_padded(d.rating, start, hist_end, width, fill=0.0).astype(np.float32)
+            ),
+            # Everything the user had before the target (may be longer than max_len): masked in ranking.
+            "history_items": torch.from_numpy(
+                _gather_left_padded(d.item, start, hist_end, int((hist_end - start).max()))
+            ),  # [B, H]
+        }
+        if split != "predict":
+            rating = d.rating[hist_end]
+            batch.update(
+                target_item=torch.from_numpy(d.item[hist_end]),  # [B]
+                target_rating=torch.from_numpy(rating.astype(np.float32)),  # [B]
+                target_liked=torch.from_numpy(rating >= self.liked_threshold),  # [B]
+            )
+        return batch
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            _IndexDataset(self.data.n_users), batch_size=self.eval_batch_size, shuffle=False,
+            collate_fn=partial(self._collate_eval, split=split), num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every user with their whole sequence as history: recommendations for the next item."""
+        return self._eval_loader("predict")
+
+    def original_item_ids(self, internal: np.ndarray) -> list:
+        """Map internal item ids (1..n_items) back to the source's ids."""
+        col = self.data.item_ids.data.table.column("item_id")
+        return col.take(np.asarray(internal).ravel() - 1).to_pylist()

@@ -1,0 +1,403 @@
+"""Raw data sources: each reads its files into the canonical interactions table.
+
+Canonical table (pyarrow): ``user_id`` (string), ``item_id`` (string), ``timestamp`` (int64, unix
+seconds or any non-negative order key), ``rating`` (float64). All parsing is done by Arrow's
+vectorised readers; no Python loop touches individual rows.
+
+A source also reports a ``fingerprint`` (options plus file size and mtime) that keys the on-disk
+cache, so editing a file or an option rebuilds the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from recpost.errors import RecpostError
+
+CANONICAL_COLUMNS = ("user_id", "item_id", "timestamp", "rating")
+GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
+
+
+def default_data_root() -> Path:
+    """``$RECPOST_DATA_DIR`` if set, else ``~/.cache/recpost/data``."""
+    env = os.environ.get("RECPOST_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "recpost" / "data"
+
+
+def _resolve_root(root: str | None) -> Path:
+    return Path(root).expanduser() if root else default_data_root()
+
+
+def _file_stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+class Source(ABC):
+    """Where interactions come from. Subclasses read files; the DataModule does the rest."""
+
+    #: Valid rating interval (inclusive); values outside it are rejected as bad input.
+    rating_range: tuple[float, float] = (1.0, 5.0)
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """Short name used for the cache folder (e.g. ``ml-100k``)."""
+
+    @abstractmethod
+    def fingerprint(self) -> dict:
+        """Everything that changes the table: options and the stamp of the files read."""
+
+    @abstractmethod
+    def load(self) -> pa.Table:
+        """Read the raw table with the canonical column names (types are validated later)."""
+
+
+def _read_delimited(
+    data: pa.NativeFile | str | Path,
+    *,
+    where: str,
+    column_names: list[str] | None,
+    delimiter: str,
+    usecols: dict[str, str],
+    header: bool,
+) -> pa.Table:
+    """Read a delimited text file; ``usecols`` maps the file's column names to canonical ones.
+
+    Column types are left to Arrow's inference and checked by ``validate_interactions`` so that a
+    bad value gets a message naming the column and row rather than a parser error.
+    """
+    read_opts = pacsv.ReadOptions(column_names=column_names, autogenerate_column_names=False)
+    if header:
+        read_opts = pacsv.ReadOptions()
+    parse_opts = pacsv.ParseOptions(delimiter=delimiter)
+    try:
+        table = pacsv.read_csv(data, read_options=read_opts, parse_options=parse_opts)
+    except pa.ArrowInvalid as exc:
+        msg = str(exc).splitlines()[0]
+        raise RecpostError(
+            f"cannot parse {where} as {delimiter!r}-separated values ({msg}); check the delimiter "
+            f"and that every row has the columns {list(usecols)}"
+        ) from None
+    missing = [c for c in usecols if c not in table.column_names]
+    if missing:
+        raise RecpostError(
+            f"{where} has columns {table.column_names}, missing {missing}; check the delimiter "
+            f"({delimiter!r}) and the column names"
+        )
+    return table.select(list(usecols)).rename_columns([usecols[c] for c in usecols])
+
+
+class MovieLens(Source):
+    """MovieLens from GroupLens, read from the official archive layout.
+
+    Looks for ``<root>/ml-100k/u.data`` (or ``<root>/ml-100k.zip``), ``<root>/ml-1m/ratings.dat``,
+    ``<root>/ml-20m/ratings.csv`` (also ``25m``, ``32m``). When neither the folder nor the zip is
+    there and ``download`` is true, fetches the zip from GroupLens into ``root``; otherwise fails
+    with the path it expected.
+
+    Args:
+        variant: which MovieLens release.
+        root: data folder; default ``$RECPOST_DATA_DIR`` or ``~/.cache/recpost/data``.
+        download: fetch the official zip from GroupLens when it is missing.
+    """
+
+    _LAYOUT = {
+        "100k": ("ml-100k", "u.data", "\t", False, (1.0, 5.0)),
+        "1m": ("ml-1m", "ratings.dat", "::", False, (1.0, 5.0)),
+        "20m": ("ml-20m", "ratings.csv", ",", True, (0.5, 5.0)),
+        "25m": ("ml-25m", "ratings.csv", ",", True, (0.5, 5.0)),
+        "32m": ("ml-32m", "ratings.csv", ",", True, (0.5, 5.0)),
+    }
+
+    def __init__(
+        self,
+        variant: Literal["100k", "1m", "20m", "25m", "32m"] = "100k",
+        root: str | None = None,
+        download: bool = True,
+    ) -> None:
+        if variant not in self._LAYOUT:
+            raise RecpostError(f"unknown MovieLens variant {variant!r}; use one of {list(self._LAYOUT)}")
+        self.variant = variant
+        self.root = _resolve_root(root)
+        self.download = download
+        self.folder, self.filename, self.delimiter, self.header, self.rating_range = self._LAYOUT[variant]
+
+    @property
+    def name(self) -> str:
+        return self.folder
+
+    def _locate(self) -> Path:
+        """The extracted ratings file, or the zip holding it."""
+        extracted = self.root / self.folder / self.filename
+        archive = self.root / f"{self.folder}.zip"
+        if extracted.is_file():
+            return extracted
+        if archive.is_file():
+            return archive
+        if self.download:
+            return self._download(archive, extracted)
+        raise RecpostError(
+            f"MovieLens {self.variant} not found: expected {extracted} or {archive}; download "
+            f"{GROUPLENS_URL.format(name=self.folder)} into {self.root} (or set RECPOST_DATA_DIR / data.source.root)"
+        )
+
+    def _download(self, archive: Path, extracted: Path) -> Path:
+        url = GROUPLENS_URL.format(name=self.folder)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with urllib.request.urlopen(url, timeout=30) as resp, tempfile.NamedTemporaryFile(
+                dir=self.root, delete=False, suffix=".part"
+            ) as tmp:
+                shutil.copyfileobj(resp, tmp)
+            os.replace(tmp.name, archive)  # atomic: a broken download never looks complete
+        except OSError as exc:
+            raise RecpostError(
+                f"MovieLens {self.variant} not found at {extracted} or {archive}, and downloading {url} "
+                f"failed ({exc}); download it by hand into {self.root}"
+            ) from None
+        return archive
+
+    def fingerprint(self) -> dict:
+        return {"source": "movielens", "variant": self.variant, "file": _file_stamp(self._locate())}
+
+    def load(self) -> pa.Table:
+        path = self._locate()
+        where = str(path)
+        if path.suffix == ".zip":
+            member = f"{self.folder}/{self.filename}"
+            with zipfile.ZipFile(path) as zf:
+                if member not in zf.namelist():
+                    raise RecpostError(f"{path} has no {member}; is it the official GroupLens archive?")
+                raw = zf.read(member)
+            where = f"{path}:{member}"
+        else:
+            raw = path.read_bytes()
+        delimiter = self.delimiter
+        if delimiter == "::":  # Arrow takes one-byte delimiters; ratings.dat holds no other ':'
+            raw = raw.replace(b"::", b"\t")
+            delimiter = "\t"
+        if self.header:
+            usecols = {"userId": "user_id", "movieId": "item_id", "timestamp": "timestamp", "rating": "rating"}
+            names = None
+        else:
+            names = ["user_id", "item_id", "rating", "timestamp"]
+            usecols = {c: c for c in ("user_id", "item_id", "timestamp", "rating")}
+        return _read_delimited(
+            pa.BufferReader(raw), where=where, column_names=names, delimiter=delimiter, usecols=usecols,
+            header=self.header,
+        )
+
+
+class Amazon(Source):
+    """Amazon product ratings, the ratings-only CSV (``user,item,rating,timestamp``, no header).
+
+    E.g. ``ratings_Books.csv`` from the Amazon review data (McAuley et al.). The usual 5-core filter
+    is the DataModule's ``min_interactions: 5``.
+
+    Args:
+        category: used to find ``<root>/amazon/ratings_<category>.csv`` when ``path`` is not given.
+        path: the CSV file itself.
+        root: data folder; default ``$RECPOST_DATA_DIR`` or ``~/.cache/recpost/data``.
+    """
+
+    rating_range = (1.0, 5.0)
+
+    def __init__(self, category: str = "Books", path: str | None = None, root: str | None = None) -> None:
+        self.category = category
+        self.path = Path(path).expanduser() if path else _resolve_root(root) / "amazon" / f"ratings_{category}.csv"
+
+    @property
+    def name(self) -> str:
+        return f"amazon-{self.category.lower()}"
+
+    def _check(self) -> Path:
+        if not self.path.is_file():
+            raise RecpostError(
+                f"Amazon ratings file not found: {self.path}; download ratings_{self.category}.csv "
+                "(ratings-only CSV: user,item,rating,timestamp) and set data.source.path or data.source.root"
+            )
+        return self.path
+
+    def fingerprint(self) -> dict:
+        return {"source": "amazon", "file": _file_stamp(self._check())}
+
+    def load(self) -> pa.Table:
+        path = self._check()
+        names = ["user_id", "item_id", "rating", "timestamp"]
+        return _read_delimited(
+            path, where=str(path), column_names=names, delimiter=",",
+            usecols={c: c for c in ("user_id", "item_id", "timestamp", "rating")}, header=False,
+        )
+
+
+class Table(Source):
+    """Any CSV, Parquet or JSON-lines table, with a column mapping.
+
+    Args:
+        path: the file.
+        format: ``auto`` picks from the extension (.csv/.tsv/.txt, .parquet/.pq, .jsonl/.json).
+        user_col, item_col, rating_col, timestamp_col: the file's column names.
+        delimiter: for CSV.
+        header: whether the CSV has a header row; without one, columns are named
+            ``user_id, item_id, rating, timestamp`` in that order.
+        rating_range: valid ratings (inclusive); anything outside is rejected.
+        name: cache folder name.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        format: Literal["auto", "csv", "parquet", "jsonl"] = "auto",
+        user_col: str = "user_id",
+        item_col: str = "item_id",
+        rating_col: str = "rating",
+        timestamp_col: str = "timestamp",
+        delimiter: str = ",",
+        header: bool = True,
+        rating_range: tuple[float, float] = (1.0, 5.0),
+        name: str = "table",
+    ) -> None:
+        self.path = Path(path).expanduser()
+        self.format = format
+        self.columns = {user_col: "user_id", item_col: "item_id", timestamp_col: "timestamp", rating_col: "rating"}
+        self.delimiter = delimiter
+        self.header = header
+        self.rating_range = (float(rating_range[0]), float(rating_range[1]))
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        ext = self.path.suffix.lower()
+        for fmt, exts in {"csv": (".csv", ".tsv", ".txt"), "parquet": (".parquet", ".pq"), "jsonl": (".jsonl", ".json")}.items():
+            if ext in exts:
+                return fmt
+        raise RecpostError(f"cannot tell the format of {self.path} from its extension; set data.source.format")
+
+    def _check(self) -> Path:
+        if not self.path.is_file():
+            raise RecpostError(f"interactions file not found: {self.path}; set data.source.path")
+        return self.path
+
+    def fingerprint(self) -> dict:
+        return {
+            "source": "table", "format": self._resolved_format(), "columns": self.columns,
+            "delimiter": self.delimiter, "header": self.header, "file": _file_stamp(self._check()),
+        }
+
+    def load(self) -> pa.Table:
+        path = self._check()
+        fmt = self._resolved_format()
+        if fmt == "csv":
+            names = None if self.header else ["user_id", "item_id", "rating", "timestamp"]
+            usecols = self.columns if self.header else {c: c for c in CANONICAL_COLUMNS}
+            return _read_delimited(
+                path, where=str(path), column_names=names, delimiter=self.delimiter, usecols=usecols, header=self.header
+            )
+        try:
+            table = pq.read_table(path) if fmt == "parquet" else pajson.read_json(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RecpostError(f"cannot read {path} as {fmt} ({str(exc).splitlines()[0]})") from None
+        missing = [c for c in self.columns if c not in table.column_names]
+        if missing:
+            raise RecpostError(
+                f"{path} has columns {table.column_names}, missing {missing}; set data.source.user_col / "
+                "item_col / rating_col / timestamp_col"
+            )
+        return table.select(list(self.columns)).rename_columns(list(self.columns.values()))
+
+
+def validate_interactions(table: pa.Table, where: str, rating_range: tuple[float, float]) -> pa.Table:
+    """Check and cast the canonical table; raise one ``RecpostError`` for the first problem found.
+
+    Returns a table with ``user_id``/``item_id`` as strings, ``timestamp`` int64, ``rating`` float64.
+    """
+
+    def first_row(mask: pa.ChunkedArray | pa.Array) -> int:
+        return int(pc.index(mask, True).as_py()) + 1
+
+    if table.num_rows == 0:
+        raise RecpostError(f"{where} holds no interactions")
+    out = {}
+    for col in ("user_id", "item_id"):
+        values = table.column(col)
+        if values.null_count:
+            raise RecpostError(f"{where}: missing {col} in row {first_row(pc.is_null(values))}; every row needs one")
+        out[col] = values.cast(pa.string())
+
+    rating = table.column("rating")
+    if not pa.types.is_floating(rating.type) and not pa.types.is_integer(rating.type):
+        as_float = _try_float(rating)
+        if as_float is None:
+            raise RecpostError(
+                f"{where}: the rating column is not numeric (type {rating.type}, e.g. {_first_non_numeric(rating)!r}); "
+                "ratings must be numbers"
+            )
+        rating = as_float
+    rating = rating.cast(pa.float64())
+    invalid = pc.or_(pc.is_null(rating), pc.is_nan(rating))
+    if pc.any(invalid).as_py():
+        raise RecpostError(f"{where}: missing or NaN rating in row {first_row(invalid)}; drop or fill those rows")
+    lo, hi = rating_range
+    outside = pc.or_(pc.less(rating, lo), pc.greater(rating, hi))
+    if pc.any(outside).as_py():
+        row = first_row(outside)
+        raise RecpostError(
+            f"{where}: rating {rating[row - 1].as_py()} in row {row} is outside [{lo}, {hi}]; fix the data or "
+            "set data.source.rating_range"
+        )
+    out["rating"] = rating
+
+    ts = table.column("timestamp")
+    if ts.null_count:
+        raise RecpostError(f"{where}: missing timestamp in row {first_row(pc.is_null(ts))}; every row needs one")
+    if not pa.types.is_integer(ts.type):
+        try:
+            ts = ts.cast(pa.int64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise RecpostError(
+                f"{where}: timestamps must be integers (unix seconds), found type {ts.type}; convert them first"
+            ) from None
+    ts = ts.cast(pa.int64())
+    negative = pc.less(ts, 0)
+    if pc.any(negative).as_py():
+        row = first_row(negative)
+        raise RecpostError(f"{where}: negative timestamp {ts[row - 1].as_py()} in row {row}; timestamps must be >= 0")
+    out["timestamp"] = ts
+    return pa.table({c: out[c] for c in CANONICAL_COLUMNS})
+
+
+def _try_float(values: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    try:
+        return pc.cast(values, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _first_non_numeric(values: pa.ChunkedArray) -> str:
+    strings = values.cast(pa.string())
+    for chunk in strings.chunks:  # only reached on the error path; stops at the first bad value
+        for v in chunk.to_pylist():
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                return v
+    return "?"

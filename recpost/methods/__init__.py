@@ -1,0 +1,6 @@
+"""Post-training methods: one LightningModule per method on the shared ``RecModule`` base."""
+
+from recpost.methods.base import RecModule
+from recpost.methods.sft import SFT
+
+__all__ = ["RecModule", "SFT"]

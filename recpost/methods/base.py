@@ -1,0 +1,219 @@
+"""``RecModule``: what every post-training method shares.
+
+It owns the backbone, the optimiser and schedule, starting from a checkpoint (``init_from``), the
+item-catalog check, and the whole evaluation. A method subclasses it and defines only
+``training_loss`` (and, if it needs them, its own diagnostics).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from recpost.errors import RecpostError
+from recpost.evaluation import RankingMetrics, mask_items
+from recpost.models import BackboneConfig, build_backbone
+
+# Evaluation metrics are computed by torchmetrics objects that already synchronise across ranks in
+# compute(); logging their (identical) values without sync_dist is intended.
+warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+
+
+class RecModule(L.LightningModule):
+    """Shared base of every method.
+
+    Args:
+        n_items: catalog size; linked from ``data.n_items``.
+        item_map_hash: identifies the catalog; linked from the data, stored in every checkpoint.
+        max_len: longest history; linked from ``data.max_len``.
+        backbone: the sequence encoder's architecture.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up.
+        lr_schedule: ``constant`` after warm-up, or ``cosine`` decay to 0 over the run.
+        mask_history: rank only items the user has not had yet (off: compare with libraries that do
+            not mask, such as RecBole's sequential models).
+        init_from: checkpoint to start from (weights only, ``weights_only=True``); its catalog must
+            match the data's.
+    """
+
+    def __init__(
+        self,
+        n_items: int = 0,
+        item_map_hash: str = "",
+        max_len: int = 50,
+        backbone: BackboneConfig | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        mask_history: bool = True,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if n_items < 1:
+            raise RecpostError("model.n_items must be >= 1; it is linked from the data module (data.n_items)")
+        if lr <= 0:
+            raise RecpostError(f"model.lr must be > 0 (got {lr})")
+        backbone = backbone or BackboneConfig()
+        self.save_hyperparameters()
+        self.backbone = build_backbone(backbone, n_items=n_items, max_len=max_len)
+        self.val_metrics = RankingMetrics(n_items)
+        self.test_metrics = RankingMetrics(n_items)
+        self._metrics_ready = False
+        self._truth = None
+        if init_from:
+            self.load_weights(init_from)
+
+    # ----------------------------------------------------------------------------------- weights
+    def load_weights(self, path: str) -> None:
+        """Copy the backbone weights of a recpost checkpoint (any method) into this module."""
+        ckpt_path = Path(path).expanduser()
+        if not ckpt_path.is_file():
+            raise RecpostError(f"model.init_from: checkpoint not found: {ckpt_path}; pass the best.ckpt of a `recpost fit` run")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a recpost checkpoint"
+            raise RecpostError(f"model.init_from: cannot load {ckpt_path} as a checkpoint ({exc})") from None
+        self._check_catalog(ckpt.get("hyper_parameters", {}), ckpt_path)
+        prefix = "backbone."
+        state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+        if not state:
+            raise RecpostError(f"model.init_from: {ckpt_path} holds no backbone weights; is it a recpost checkpoint?")
+        try:
+            self.backbone.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise RecpostError(
+                f"model.init_from: {ckpt_path} has another backbone architecture ({str(exc).splitlines()[0]}); "
+                "use the same model.backbone settings as the run that wrote it"
+            ) from None
+
+    def _check_catalog(self, hparams: dict, where: Path | str) -> None:
+        theirs = hparams.get("item_map_hash")
+        ours = self.hparams.item_map_hash
+        if theirs and ours and theirs != ours:
+            raise RecpostError(
+                f"{where} was trained on another item catalog (id map {theirs}, data has {ours}); use a checkpoint "
+                "trained on this data set and preprocessing, or retrain"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_catalog(checkpoint.get("hyper_parameters", {}), "the checkpoint")
+
+    # ----------------------------------------------------------------------------------- training
+    def next_item_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full-catalog logits at every position that has a target, in fp32.
+
+        Returns ``logits [N, n_items + 1]``, ``targets [N]`` and ``rewards [N]`` for the N target
+        positions of the batch (padding positions are skipped before the output layer).
+        """
+        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))  # [B, L, d]
+        has_target = batch["target_items"] > 0  # [B, L]
+        logits = self.backbone.score(hidden[has_target])  # [N, V + 1], fp32
+        return logits, batch["target_items"][has_target], batch["rewards"][has_target].float()
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target next-item cross-entropy ``[N]`` in fp32."""
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The method's loss and any diagnostics to log under ``train/``. Subclasses define it."""
+        raise RecpostError(f"{type(self).__name__} is a base class; use a method such as recpost.methods.SFT")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logs = self.training_loss(batch)
+        if not torch.isfinite(loss):
+            raise RecpostError(f"training loss became {loss.item()} at step {self.global_step}; lower model.lr or check the rewards")
+        batch_size = batch["input_items"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if logs:
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = self.hparams.warmup_steps
+        if self.hparams.lr_schedule == "constant" and warmup == 0:
+            return opt
+        total = max(1, self.trainer.estimated_stepping_batches)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if self.hparams.lr_schedule == "cosine":
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def _ground_truth(self):
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "ground_truth", None) if datamodule is not None else None
+
+    def _reset_metrics(self) -> None:
+        """(Re)build the metric objects with the ground-truth metric names of this data, if any."""
+        truth = self._ground_truth()
+        extra = tuple(truth.metric_names) if truth is not None else ()
+        if not self._metrics_ready or self.val_metrics.extra != extra:
+            self.val_metrics = RankingMetrics(self.hparams.n_items, extra=extra).to(self.device)
+            self.test_metrics = RankingMetrics(self.hparams.n_items, extra=extra).to(self.device)
+            self._truth = truth
+            self._metrics_ready = True
+
+    def catalog_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 scores of every item for the next step after each history ``[B, n_items + 1]``;
+        items of the history masked unless ``mask_history`` is off (padding always masked)."""
+        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))[:, -1]  # [B, d]
+        scores = self.backbone.score(hidden)  # [B, V + 1], fp32
+        if self.hparams.mask_history:
+            mask_items(scores, batch["history_items"])
+        return scores
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
+        scores = self.catalog_scores(batch)
+        extra = self._truth.evaluate(batch, scores) if self._truth is not None else None
+        metrics.update(scores, batch["target_item"], batch["target_rating"], batch["target_liked"], batch["user_index"], extra)
+
+    def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict[str, float]:
+        values = metrics.compute()
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=False)
+        return values
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_metrics()
+        self.val_metrics.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+        self.val_metrics.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics()
+        self.test_metrics.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+        self.test_per_user = self.test_metrics.per_user()
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, k: int = 10) -> dict[str, torch.Tensor]:
+        """Top-k unseen items for each user after their whole sequence."""
+        scores = self.catalog_scores(batch)
+        top = scores.topk(k, dim=1)
+        return {"user_index": batch["user_index"], "items": top.indices, "scores": top.values}

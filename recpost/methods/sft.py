@@ -1,0 +1,20 @@
+"""Plain SFT: next-item cross-entropy at every position.
+
+Used for pretraining from scratch (behaviour cloning of the logging policy) and, continued from the
+pretrained checkpoint with the same optimiser and budget, as the baseline every post-training method
+must beat.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recpost.methods.base import RecModule
+
+
+class SFT(RecModule):
+    """Behaviour cloning: mean cross-entropy of the logged next item."""
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, targets, _ = self.next_item_logits(batch)  # [N, V + 1], [N]
+        return self.cross_entropy(logits, targets).mean(), {}

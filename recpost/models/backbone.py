@@ -1,0 +1,78 @@
+"""The backbone interface every method uses: encode a history, score items.
+
+A backbone maps ``(item_ids [B, L], ratings [B, L] | None) -> hidden [B, L, d]`` (left-padded with 0,
+causal: position t sees items <= t) and scores items by the dot product with the item embedding
+table, which is tied to the input embeddings. Methods never touch the layers inside.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BackboneConfig:
+    """Architecture of the sequence encoder (shared by every method, so checkpoints transfer).
+
+    Args:
+        name: ``sasrec`` (pre-LN causal transformer).
+        d_model: hidden and item embedding size.
+        n_layers: transformer blocks.
+        n_heads: attention heads.
+        dropout: dropout on embeddings, attention and feed-forward outputs.
+        ff_mult: feed-forward width as a multiple of ``d_model``.
+        use_ratings: add an embedding of each past item's rating to its input (the target's rating
+            is never an input).
+    """
+
+    name: Literal["sasrec"] = "sasrec"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    ff_mult: int = 4
+    use_ratings: bool = False
+
+
+class Backbone(nn.Module, ABC):
+    """Base class: item embeddings (0 = padding) and scoring; subclasses implement ``encode``."""
+
+    def __init__(self, n_items: int, d_model: int) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
+
+    @abstractmethod
+    def encode(self, items: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``[B, L, d]`` for left-padded ``items [B, L]`` (and their ``ratings``)."""
+
+    def item_weights(self) -> torch.Tensor:
+        """Output embeddings ``[n_items + 1, d]`` (row 0 is padding and never recommended)."""
+        return self.item_emb.weight
+
+    def score(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits in fp32: over the whole catalog ``[..., n_items + 1]`` (padding at -inf), or for the
+        given candidate ``items`` ``[..., K]`` (same leading shape as ``hidden`` minus d)."""
+        hidden = hidden.float()
+        weights = self.item_weights().float()
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            if items is not None:
+                return (weights[items] * hidden.unsqueeze(-2)).sum(-1)
+            logits = hidden @ weights.T
+        logits[..., 0] = float("-inf")
+        return logits
+
+
+def build_backbone(cfg: BackboneConfig, n_items: int, max_len: int) -> Backbone:
+    from recpost.models.sasrec import SASRec
+
+    builders = {"sasrec": SASRec}
+    return builders[cfg.name](
+        n_items=n_items, max_len=max_len, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+        dropout=cfg.dropout, ff_mult=cfg.ff_mult, use_ratings=cfg.use_ratings,
+    )
