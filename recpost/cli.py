@@ -20,7 +20,6 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
 
 from recpost.data import RecDataModule
 from recpost.errors import RecpostError
@@ -39,9 +38,9 @@ class MetricsWriter(L.Callback):
 
     def _write(self, trainer: L.Trainer, stage: str) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         if not trainer.is_global_zero or not metrics:
             return
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / f"{stage}_metrics.json"
         tmp = path.with_suffix(".json.tmp")
@@ -103,5 +102,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_lightning_cli(argv)
     except RecpostError as exc:
-        rank_zero_only(print)(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

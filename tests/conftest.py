@@ -29,3 +29,54 @@ def ml100k_root() -> Path:
     if not (root / "ml-100k" / "u.data").is_file():
         pytest.skip(f"MovieLens-100K not found at {root}/ml-100k/u.data (../shared/data is absent on this machine)")
     return root
+
+
+def write_tiny_interactions(path: Path, n_users: int = 101, n_items: int = 40, seed: int = 0) -> Path:
+    """A small ratings CSV (user_id,item_id,rating,timestamp) with 6-14 interactions per user."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = ["user_id,item_id,rating,timestamp"]
+    for u in range(n_users):
+        items = rng.choice(np.arange(1, n_items + 1), size=int(rng.integers(6, 15)), replace=False)
+        for t, i in enumerate(items):
+            lines.append(f"u{u},i{i},{int(rng.integers(1, 6))},{1000 + 10 * t}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    """A complete `recpost fit` config on a tiny CSV: 101 users (uneven over 2 ranks), 40 items."""
+    csv = write_tiny_interactions(tmp_path / "tiny.csv")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+seed_everything: 0
+data:
+  source:
+    class_path: recpost.data.Table
+    init_args:
+      path: {csv}
+      name: tiny
+  max_len: 8
+  batch_size: 32
+  eval_batch_size: 16
+model:
+  class_path: recpost.methods.SFT
+  init_args:
+    backbone:
+      d_model: 16
+      n_layers: 1
+      n_heads: 2
+      dropout: 0.1
+    lr: 0.01
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 2
+  enable_progress_bar: false
+  enable_model_summary: false
+  log_every_n_steps: 1
+  default_root_dir: {tmp_path / "runs"}
+""")
+    return cfg

@@ -1,0 +1,91 @@
+"""The real `recpost` entry point: fit -> best checkpoint -> test -> test_metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+METRICS = ["ndcg@10", "ndcg@50", "hr@10", "hr@50", "mrr", "ndcg@10_liked", "hr@10_liked", "rating@10", "coverage@10"]
+
+
+def recpost(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "recpost", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+def _run_dir(root: Path) -> Path:
+    return sorted((root / "lightning_logs").glob("version_*"))[-1]
+
+
+@pytest.fixture
+def fitted(tiny_config: Path) -> tuple[Path, Path]:
+    out = recpost("fit", "--config", str(tiny_config))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = _run_dir(tiny_config.parent / "runs")
+    return tiny_config, run
+
+
+@pytest.mark.slow
+def test_fit_keeps_the_best_validation_checkpoint_and_logs_metrics(fitted):
+    _, run = fitted
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {f"val/{m}" for m in METRICS} <= set(header)
+    assert "train/loss" in header
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_with_weights_only_and_carries_the_catalog_hash(fitted):
+    _, run = fitted
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert len(ckpt["hyper_parameters"]["item_map_hash"]) == 16
+    assert ckpt["hyper_parameters"]["n_items"] == 40
+
+
+@pytest.mark.slow
+def test_test_writes_flat_test_metrics_json_and_prints_its_path(fitted):
+    cfg, run = fitted
+    out = recpost("test", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    path = _run_dir(cfg.parent / "runs") / "test_metrics.json"
+    assert str(path) in out.stdout
+    metrics = json.loads(path.read_text())
+    assert {f"test/{m}" for m in METRICS} <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert 0.0 < metrics["test/hr@50"] <= 1.0
+
+
+@pytest.mark.slow
+def test_checkpoint_from_another_catalog_is_rejected(fitted, tmp_path):
+    cfg, run = fitted
+    from tests.conftest import write_tiny_interactions
+
+    other = write_tiny_interactions(tmp_path / "other.csv", n_items=45, seed=1)
+    out = recpost("test", "--config", str(cfg), "--data.source.init_args.path", str(other),
+                  "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+    assert out.returncode == 2
+    assert "another item catalog" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_print_config_shows_the_linked_model_and_data(tiny_config):
+    out = recpost("fit", "--config", str(tiny_config), "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "class_path: recpost.methods.SFT" in out.stdout
+    assert "class_path: recpost.data.Table" in out.stdout
+
+
+def test_bad_max_len_is_one_clear_line(tiny_config):
+    out = recpost("fit", "--config", str(tiny_config), "--data.max_len", "1")
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and "max_len" in lines[-1]
+    assert "Traceback" not in out.stderr
