@@ -98,6 +98,12 @@ class RecDataModule(L.LightningDataModule):
             raise RecpostError("data.batch_size and data.eval_batch_size must be >= 1")
         if min_interactions < 0:
             raise RecpostError(f"data.min_interactions must be >= 0 (got {min_interactions})")
+        if duplicates not in ("drop", "error"):
+            raise RecpostError(f"data.duplicates must be 'drop' or 'error' (got {duplicates!r})")
+        if reward_transform not in ("identity", "centered", "minmax"):
+            raise RecpostError(
+                f"data.reward_transform must be 'identity', 'centered' or 'minmax' (got {reward_transform!r})"
+            )
         self.source = source
         self.max_len = max_len
         self.batch_size = batch_size
@@ -110,6 +116,7 @@ class RecDataModule(L.LightningDataModule):
         self._data: Interactions | None = None
         self._windows: tuple[np.ndarray, np.ndarray] | None = None
         self._ground_truth = None
+        self._train_mean: float | None = None
 
     # ----------------------------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -159,13 +166,16 @@ class RecDataModule(L.LightningDataModule):
 
     @property
     def _train_mean_rating(self) -> float:
-        d = self.data
-        starts, ends = d.offsets[:-1], d.offsets[1:] - 2
-        mask = np.zeros(len(d.item) + 1, dtype=np.int64)
-        np.add.at(mask, starts, 1)
-        np.add.at(mask, ends, -1)
-        in_train = np.cumsum(mask)[:-1] > 0
-        return float(d.rating[in_train].mean())
+        """Mean rating over training interactions (no validation or test target); computed once."""
+        if self._train_mean is None:
+            d = self.data
+            starts, ends = d.offsets[:-1], d.offsets[1:] - _HELD_OUT["val"]
+            mask = np.zeros(len(d.item) + 1, dtype=np.int64)
+            np.add.at(mask, starts, 1)
+            np.add.at(mask, ends, -1)
+            in_train = np.cumsum(mask)[:-1] > 0
+            self._train_mean = float(d.rating[in_train].mean())
+        return self._train_mean
 
     # ----------------------------------------------------------------------------------- training
     def train_windows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -200,12 +210,13 @@ class RecDataModule(L.LightningDataModule):
         inputs, targets = items[:, :-1], items[:, 1:]
         targets = np.where(inputs > 0, targets, 0)  # the first item of a window is input only
         target_ratings = np.where(targets > 0, ratings[:, 1:], 0.0)
+        rewards = np.where(targets > 0, self.rewards(target_ratings), 0.0)  # no reward without a target
         return {
             "input_items": torch.from_numpy(inputs),  # [B, L]
             "input_ratings": torch.from_numpy(np.ascontiguousarray(ratings[:, :-1])),  # [B, L]
             "target_items": torch.from_numpy(np.ascontiguousarray(targets)),  # [B, L], 0 = no target
             "target_ratings": torch.from_numpy(target_ratings.astype(np.float32)),  # [B, L]
-            "rewards": torch.from_numpy(self.rewards(target_ratings).astype(np.float32)),  # [B, L]
+            "rewards": torch.from_numpy(rewards.astype(np.float32)),  # [B, L], 0 = no target
         }
 
     def train_dataloader(self) -> DataLoader:

@@ -35,7 +35,7 @@ from recpost.data.sources import Source, validate_interactions
 from recpost.errors import RecpostError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: integer ids ordered by value, not as text
 MIN_USER_INTERACTIONS = 3  # train >= 1 item, a validation target, a test target
 
 
@@ -87,9 +87,20 @@ def item_map_hash(original_item_ids: pa.Array | pa.ChunkedArray) -> str:
 
 
 def _remap(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """Dense ids 0..n-1 in sorted order of the original ids, and the sorted originals."""
+    """Dense ids 0..n-1 in sorted order of the original ids, and the sorted originals.
+
+    Ids are strings in the canonical table; when all of them are integers (MovieLens) they are
+    ordered by value, so ``2`` comes before ``10`` and MovieLens item ``i`` stays internal ``i``.
+    """
     uniq = pc.unique(values)
-    uniq = uniq.take(pc.sort_indices(uniq))
+    try:
+        as_int = uniq.cast(pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        order = pc.sort_indices(uniq)
+    else:  # the string breaks ties between spellings of one number ("7", "007")
+        keys = pa.table({"value": as_int, "text": uniq})
+        order = pc.sort_indices(keys, sort_keys=[("value", "ascending"), ("text", "ascending")])
+    uniq = uniq.take(order)
     index = pc.index_in(values, value_set=uniq)
     return np.asarray(index.to_numpy(), dtype=np.int64), uniq
 

@@ -77,15 +77,19 @@ def _read_delimited(
 ) -> pa.Table:
     """Read a delimited text file; ``usecols`` maps the file's column names to canonical ones.
 
-    Column types are left to Arrow's inference and checked by ``validate_interactions`` so that a
-    bad value gets a message naming the column and row rather than a parser error.
+    User and item ids are read as strings: Arrow's inference would turn all-digit ids into integers
+    and lose leading zeros (Amazon ASINs such as ``0000013714``). Rating and timestamp types are
+    left to inference and checked by ``validate_interactions`` so that a bad value gets a message
+    naming the column and row rather than a parser error.
     """
     read_opts = pacsv.ReadOptions(column_names=column_names, autogenerate_column_names=False)
     if header:
         read_opts = pacsv.ReadOptions()
     parse_opts = pacsv.ParseOptions(delimiter=delimiter)
+    id_types = {col: pa.string() for col, canon in usecols.items() if canon in ("user_id", "item_id")}
+    convert_opts = pacsv.ConvertOptions(column_types=id_types)
     try:
-        table = pacsv.read_csv(data, read_options=read_opts, parse_options=parse_opts)
+        table = pacsv.read_csv(data, read_options=read_opts, parse_options=parse_opts, convert_options=convert_opts)
     except pa.ArrowInvalid as exc:
         msg = str(exc).splitlines()[0]
         raise RecpostError(
@@ -140,6 +144,11 @@ class MovieLens(Source):
     def name(self) -> str:
         return self.folder
 
+    @property
+    def path(self) -> Path:
+        """The ratings file (or the zip holding it) that ``load`` reads; named in error messages."""
+        return self._locate()
+
     def _locate(self) -> Path:
         """The extracted ratings file, or the zip holding it."""
         extracted = self.root / self.folder / self.filename
@@ -152,7 +161,7 @@ class MovieLens(Source):
             return self._download(archive, extracted)
         raise RecpostError(
             f"MovieLens {self.variant} not found: expected {extracted} or {archive}; download "
-            f"{GROUPLENS_URL.format(name=self.folder)} into {self.root} (or set RECPOST_DATA_DIR / data.source.root)"
+            f"{GROUPLENS_URL.format(name=self.folder)} into {self.root} (or set RECPOST_DATA_DIR or --data.source.init_args.root)"
         )
 
     def _download(self, archive: Path, extracted: Path) -> Path:
@@ -338,10 +347,11 @@ def validate_interactions(table: pa.Table, where: str, rating_range: tuple[float
         raise RecpostError(f"{where} holds no interactions")
     out = {}
     for col in ("user_id", "item_id"):
-        values = table.column(col)
-        if values.null_count:
-            raise RecpostError(f"{where}: missing {col} in row {first_row(pc.is_null(values))}; every row needs one")
-        out[col] = values.cast(pa.string())
+        values = table.column(col).cast(pa.string())
+        missing = pc.or_kleene(pc.is_null(values), pc.equal(values, ""))  # CSV readers keep empty ids as ""
+        if pc.any(missing).as_py():
+            raise RecpostError(f"{where}: missing {col} in row {first_row(missing)}; every row needs one")
+        out[col] = values
 
     rating = table.column("rating")
     if not pa.types.is_floating(rating.type) and not pa.types.is_integer(rating.type):
@@ -353,7 +363,7 @@ def validate_interactions(table: pa.Table, where: str, rating_range: tuple[float
             )
         rating = as_float
     rating = rating.cast(pa.float64())
-    invalid = pc.or_(pc.is_null(rating), pc.is_nan(rating))
+    invalid = pc.or_kleene(pc.is_null(rating), pc.is_nan(rating))  # Kleene: a null row counts as invalid
     if pc.any(invalid).as_py():
         raise RecpostError(f"{where}: missing or NaN rating in row {first_row(invalid)}; drop or fill those rows")
     lo, hi = rating_range

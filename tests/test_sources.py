@@ -1,0 +1,266 @@
+"""Sources: every official file layout reads into the canonical table; bad files fail in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recpost.data import Amazon, MovieLens, RecDataModule, Table
+from recpost.data.sources import validate_interactions
+from recpost.errors import RecpostError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (user, item, rating, timestamp): whole stars for 100k/1m, half stars for 20m/25m/32m.
+STAR_ROWS = [(1, 31, 4, 881250949), (1, 7, 1, 881250950), (22, 31, 5, 878887116), (22, 377, 2, 878887117)]
+HALF_STAR_ROWS = [(1, 296, 5.0, 1147880044), (1, 306, 3.5, 1147868817), (2, 1, 0.5, 1141415820)]
+
+# variant -> (folder, file name, rows, file text)
+LAYOUTS = {
+    "100k": ("ml-100k", "u.data", STAR_ROWS, lambda rows: "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows)),
+    "1m": ("ml-1m", "ratings.dat", STAR_ROWS, lambda rows: "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows)),
+    **{
+        v: (f"ml-{v}", "ratings.csv", HALF_STAR_ROWS,
+            lambda rows: "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+        for v in ("20m", "25m", "32m")
+    },
+}
+
+
+def canonical_rows(source) -> list[tuple]:
+    """What a source reads, validated and typed, as (user_id, item_id, timestamp, rating) tuples."""
+    table = validate_interactions(source.load(), "test", source.rating_range)
+    return list(zip(*(table.column(c).to_pylist() for c in ("user_id", "item_id", "timestamp", "rating"))))
+
+
+def expected_rows(rows) -> list[tuple]:
+    return [(str(u), str(i), t, float(r)) for u, i, r, t in rows]
+
+
+def write_extracted(root: Path, variant: str) -> list:
+    folder, name, rows, render = LAYOUTS[variant]
+    (root / folder).mkdir(parents=True)
+    (root / folder / name).write_text(render(rows))
+    return rows
+
+
+def write_zip(root: Path, variant: str) -> list:
+    folder, name, rows, render = LAYOUTS[variant]
+    with zipfile.ZipFile(root / f"{folder}.zip", "w") as zf:
+        zf.writestr(f"{folder}/README", "official archive layout")
+        zf.writestr(f"{folder}/{name}", render(rows))
+    return rows
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def build(source, tmp_path: Path, **kwargs) -> RecDataModule:
+    """A DataModule with its own cache folder, its interactions already built."""
+    dm = RecDataModule(source, cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm.data  # noqa: B018 - validation and preprocessing happen here
+    return dm
+
+
+HEADER = "user_id,item_id,rating,timestamp\n"
+
+
+# ----------------------------------------------------------------------------------- MovieLens
+@pytest.mark.parametrize("variant", list(LAYOUTS))
+def test_movielens_reads_the_extracted_folder(tmp_path, variant):
+    rows = write_extracted(tmp_path, variant)
+    assert canonical_rows(MovieLens(variant, root=str(tmp_path), download=False)) == expected_rows(rows)
+
+
+@pytest.mark.parametrize("variant", list(LAYOUTS))
+def test_movielens_reads_the_official_zip(tmp_path, variant):
+    rows = write_zip(tmp_path, variant)
+    assert canonical_rows(MovieLens(variant, root=str(tmp_path), download=False)) == expected_rows(rows)
+
+
+@pytest.mark.parametrize("variant", list(LAYOUTS))
+def test_movielens_without_folder_or_zip_names_the_expected_path(tmp_path, variant):
+    folder, name, _, _ = LAYOUTS[variant]
+    with pytest.raises(RecpostError, match="not found") as info:
+        MovieLens(variant, root=str(tmp_path), download=False).load()
+    message = str(info.value)
+    assert str(tmp_path / folder / name) in message and str(tmp_path / f"{folder}.zip") in message
+    assert "\n" not in message
+
+
+def test_movielens_zip_without_the_ratings_file_is_rejected(tmp_path):
+    with zipfile.ZipFile(tmp_path / "ml-1m.zip", "w") as zf:
+        zf.writestr("ml-1m/movies.dat", "1::Toy Story (1995)::Animation\n")
+    with pytest.raises(RecpostError, match="has no ml-1m/ratings.dat"):
+        MovieLens("1m", root=str(tmp_path), download=False).load()
+
+
+def test_real_movielens_100k_has_the_published_counts(ml100k_root, tmp_path):
+    dm = build(MovieLens("100k", root=str(ml100k_root), download=False), tmp_path)
+    ratings, counts = np.unique(dm.data.rating, return_counts=True)
+    assert (dm.data.n_users, dm.n_items, len(dm.data.item)) == (943, 1682, 100_000)
+    assert dict(zip(ratings.tolist(), counts.tolist())) == {1.0: 6110, 2.0: 11370, 3.0: 27145, 4.0: 34174, 5.0: 21201}
+
+
+# ----------------------------------------------------------------------------------- Amazon
+def test_amazon_reads_the_ratings_only_csv_with_string_ids(tmp_path):
+    path = write_csv(tmp_path / "ratings_Books.csv", "AKM1MP6P0OYPR,0132793040,5.0,1365811200\nA2CX7LUOHB2NDG,0321732944,5.0,1341100800\n")
+    assert canonical_rows(Amazon(path=str(path))) == [
+        ("AKM1MP6P0OYPR", "0132793040", 1365811200, 5.0),
+        ("A2CX7LUOHB2NDG", "0321732944", 1341100800, 5.0),
+    ]
+
+
+def test_amazon_ids_made_of_digits_keep_their_leading_zeros(tmp_path):
+    path = write_csv(tmp_path / "ratings_Books.csv", "1001,0000013714,4,1\n1002,0000013714,5,2\n")
+    assert [(u, i) for u, i, _, _ in canonical_rows(Amazon(path=str(path)))] == [("1001", "0000013714"), ("1002", "0000013714")]
+
+
+def test_amazon_finds_its_file_under_root_by_category(tmp_path):
+    (tmp_path / "amazon").mkdir()
+    write_csv(tmp_path / "amazon" / "ratings_Beauty.csv", "A1,B1,3,10\n")
+    assert canonical_rows(Amazon(category="Beauty", root=str(tmp_path))) == [("A1", "B1", 10, 3.0)]
+
+
+def test_amazon_missing_file_names_the_expected_path(tmp_path):
+    with pytest.raises(RecpostError, match=f"Amazon ratings file not found: {tmp_path / 'amazon' / 'ratings_Books.csv'}"):
+        Amazon(root=str(tmp_path)).load()
+
+
+# ----------------------------------------------------------------------------------- Table
+def test_table_reads_a_csv_with_header_through_the_column_mapping(tmp_path):
+    path = write_csv(tmp_path / "log.csv", "ts,who,what,stars,extra\n100,alice,x1,4.5,ignored\n90,bob,x2,2,ignored\n")
+    source = Table(str(path), user_col="who", item_col="what", rating_col="stars", timestamp_col="ts")
+    assert canonical_rows(source) == [("alice", "x1", 100, 4.5), ("bob", "x2", 90, 2.0)]
+
+
+def test_table_reads_a_csv_without_header_as_user_item_rating_timestamp(tmp_path):
+    path = write_csv(tmp_path / "log.tsv", "alice\tx1\t4\t100\nbob\tx2\t2\t90\n")
+    source = Table(str(path), header=False, delimiter="\t")
+    assert canonical_rows(source) == [("alice", "x1", 100, 4.0), ("bob", "x2", 90, 2.0)]
+
+
+def test_table_reads_parquet(tmp_path):
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"uid": [7, 8], "iid": [70, 80], "r": [5.0, 1.0], "t": [3, 4]}), path)
+    source = Table(str(path), user_col="uid", item_col="iid", rating_col="r", timestamp_col="t")
+    assert canonical_rows(source) == [("7", "70", 3, 5.0), ("8", "80", 4, 1.0)]
+
+
+def test_table_reads_json_lines(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"user_id": "alice", "item_id": "x1", "rating": 3, "timestamp": 5},
+        {"user_id": "bob", "item_id": "x2", "rating": 4, "timestamp": 6},
+    ]) + "\n")
+    assert canonical_rows(Table(str(path))) == [("alice", "x1", 5, 3.0), ("bob", "x2", 6, 4.0)]
+
+
+def test_table_with_an_unknown_extension_asks_for_the_format(tmp_path):
+    path = write_csv(tmp_path / "log.dat", HEADER + "u,i,4,1\n")
+    with pytest.raises(RecpostError, match="cannot tell the format .* set data.source.format"):
+        Table(str(path)).load()
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_missing_table_file_is_named(tmp_path):
+    with pytest.raises(RecpostError, match=f"interactions file not found: {tmp_path / 'nope.csv'}"):
+        build(Table(str(tmp_path / "nope.csv")), tmp_path)
+
+
+def test_comma_file_read_as_tab_separated_is_a_delimiter_error(tmp_path):
+    (tmp_path / "ml-100k").mkdir()
+    write_csv(tmp_path / "ml-100k" / "u.data", "1,31,4,881250949\n2,7,1,881250950\n")
+    with pytest.raises(RecpostError, match=r"cannot parse .*u.data as '\\t'-separated values.*check the delimiter"):
+        build(MovieLens("100k", root=str(tmp_path), download=False), tmp_path)
+
+
+def test_header_file_with_the_wrong_delimiter_reports_missing_columns(tmp_path):
+    path = write_csv(tmp_path / "log.csv", HEADER + "u,i,4,1\n")
+    with pytest.raises(RecpostError, match=r"missing \['user_id', 'item_id', 'timestamp', 'rating'\]; check the delimiter"):
+        build(Table(str(path), delimiter=";"), tmp_path)
+
+
+def test_missing_column_is_named(tmp_path):
+    path = write_csv(tmp_path / "log.csv", "user_id,item_id,rating\nu,i,4\n")
+    with pytest.raises(RecpostError, match=r"missing \['timestamp'\]"):
+        build(Table(str(path)), tmp_path)
+
+
+def test_non_numeric_rating_is_rejected(tmp_path):
+    path = write_csv(tmp_path / "log.csv", HEADER + "u,a,4,1\nu,b,good,2\nu,c,5,3\n")
+    with pytest.raises(RecpostError, match="rating column is not numeric .*'good'"):
+        build(Table(str(path)), tmp_path)
+
+
+def test_nan_rating_is_rejected_with_its_row(tmp_path):
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": ["u"] * 3, "item_id": ["a", "b", "c"], "rating": [4.0, math.nan, 5.0], "timestamp": [1, 2, 3]}), path)
+    with pytest.raises(RecpostError, match="missing or NaN rating in row 2"):
+        build(Table(str(path)), tmp_path)
+
+
+def test_missing_rating_is_rejected_with_its_row(tmp_path):
+    path = write_csv(tmp_path / "log.csv", HEADER + "u,a,4,1\nu,b,,2\nu,c,5,3\n")
+    with pytest.raises(RecpostError, match="missing or NaN rating in row 2"):
+        build(Table(str(path)), tmp_path)
+
+
+def test_rating_outside_the_range_is_rejected(tmp_path):
+    path = write_csv(tmp_path / "log.csv", HEADER + "u,a,4,1\nu,b,6,2\nu,c,5,3\n")
+    with pytest.raises(RecpostError, match=r"rating 6.0 in row 2 is outside \[1.0, 5.0\]"):
+        build(Table(str(path)), tmp_path)
+
+
+def test_half_star_below_the_movielens_20m_range_is_rejected(tmp_path):
+    (tmp_path / "ml-20m").mkdir()
+    write_csv(tmp_path / "ml-20m" / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,0.5,10\n1,3,0.0,11\n")
+    with pytest.raises(RecpostError, match=r"ratings.csv: rating 0.0 in row 2 is outside \[0.5, 5.0\]"):
+        build(MovieLens("20m", root=str(tmp_path), download=False), tmp_path)
+
+
+def test_missing_timestamp_is_rejected_with_its_row(tmp_path):
+    path = write_csv(tmp_path / "log.csv", HEADER + "u,a,4,1\nu,b,3,\nu,c,5,3\n")
+    with pytest.raises(RecpostError, match="missing timestamp in row 2"):
+        build(Table(str(path)), tmp_path)
+
+
+def test_negative_timestamp_is_rejected_with_its_row(tmp_path):
+    path = write_csv(tmp_path / "log.csv", HEADER + "u,a,4,1\nu,b,3,2\nu,c,5,-7\n")
+    with pytest.raises(RecpostError, match="negative timestamp -7 in row 3"):
+        build(Table(str(path)), tmp_path)
+
+
+def test_missing_user_id_is_rejected_with_its_row(tmp_path):
+    path = write_csv(tmp_path / "log.csv", HEADER + "u,a,4,1\n,b,3,2\nu,c,5,3\n")
+    with pytest.raises(RecpostError, match="missing user_id in row 2"):
+        build(Table(str(path)), tmp_path)
+
+
+def test_cli_with_missing_movielens_prints_one_error_line_and_exits_2(tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    env = {**os.environ, "RECPOST_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "recpost", "fit", "--config", "configs/data/ml100k.yaml",
+         "--config", "configs/method/sft.yaml", "--config", "configs/trainer/cpu.yaml",
+         "--data.source.init_args.root", str(empty), "--data.source.init_args.download", "false",
+         "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(error_lines) == 1 and str(empty / "ml-100k" / "u.data") in error_lines[0]
+    assert "Traceback" not in proc.stderr
