@@ -142,3 +142,14 @@ def test_init_from_another_architecture_is_rejected(datamodule, tmp_path):
     ckpt = _save_checkpoint(wide, tmp_path / "wide.ckpt")
     with pytest.raises(RecpostError, match="another backbone architecture"):
         _module(ExpSFT, datamodule, init_from=str(ckpt))
+
+
+def test_diagnostics_report_weights_ess_and_the_liked_share(datamodule):
+    batch = datamodule._collate_train(list(range(32)))
+    _, logs = _module(ExpSFT, datamodule, lam=0.5).training_loss(batch)
+    assert logs["weight_min"] <= logs["weight_mean"] <= logs["weight_max"]
+    assert logs["weight_mean"].item() == pytest.approx(1.0, rel=1e-5)
+    assert 0 < logs["ess"] <= 1
+    # with lam=0.5, liked targets (4-5 stars) carry far more than their share of the count
+    liked = batch["target_liked"][batch["target_items"] > 0].float().mean()
+    assert logs["liked_loss_share"] > liked

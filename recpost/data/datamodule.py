@@ -217,6 +217,7 @@ class RecDataModule(L.LightningDataModule):
             "target_items": torch.from_numpy(np.ascontiguousarray(targets)),  # [B, L], 0 = no target
             "target_ratings": torch.from_numpy(target_ratings.astype(np.float32)),  # [B, L]
             "rewards": torch.from_numpy(rewards.astype(np.float32)),  # [B, L], 0 = no target
+            "target_liked": torch.from_numpy((targets > 0) & (target_ratings >= self.liked_threshold)),  # [B, L]
         }
 
     def train_dataloader(self) -> DataLoader:
