@@ -1,4 +1,4 @@
-"""``recpost`` command line: ``fit | validate | test | predict`` (LightningCLI).
+"""``recpost`` command line: ``fit | validate | test | predict`` (LightningCLI) and ``experiment``.
 
 ``model.class_path`` picks the method (``recpost.methods.SFT``, ...); ``data.n_items``,
 ``data.item_map_hash`` and ``data.max_len`` are linked into the model. Configs compose left to
@@ -99,8 +99,16 @@ def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``recpost`` console script and ``python -m recpost``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        run_lightning_cli(argv)
+        if args[:1] == ["experiment"]:
+            from jsonargparse import CLI
+
+            from recpost.experiment import experiment
+
+            CLI(experiment, args=args[1:])
+        else:
+            run_lightning_cli(argv)
     except RecpostError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

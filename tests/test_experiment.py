@@ -1,0 +1,84 @@
+"""`recpost experiment`: stages, resume, results tables, bad configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recpost.errors import RecpostError
+from recpost.experiment import experiment, load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study(tmp_path: Path, tiny_config: Path, methods: str) -> Path:
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"""
+name: tiny
+pretrain_config: {tiny_config}
+posttrain_epochs: 1
+seeds: 1
+methods:
+{methods}
+""")
+    return cfg
+
+
+@pytest.mark.slow
+def test_experiment_runs_every_stage_writes_tables_and_resumes(tmp_path, tiny_config, capsys):
+    methods = f"""  sft:
+    config: {ROOT / 'configs/method/sft.yaml'}
+  exp_sft:
+    config: {ROOT / 'configs/method/exp_sft.yaml'}
+    grid:
+      lam: [0.5, 2.0]
+"""
+    cfg = _study(tmp_path, tiny_config, methods)  # method configs inherit the tiny backbone
+    out = experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("base", {}), ("sft", {}), ("exp_sft", {"lam": 0.5}), ("exp_sft", {"lam": 2.0})]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert all("val/ndcg@10" in r and "test/ndcg@10" in r for r in rows)
+    assert sum(r["chosen"] for r in rows if r["method"] == "exp_sft") == 1
+    chosen = next(r for r in rows if r["chosen"] and r["method"] == "exp_sft")
+    assert chosen["val/ndcg@10"] == max(r["val/ndcg@10"] for r in rows if r["method"] == "exp_sft")
+    assert "| exp_sft |" in (out / "results.md").read_text()
+    assert (out / "results.csv").read_text().startswith("method,setting,seed,status,chosen")
+    # a second call reuses every finished stage
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
+    experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")} == before
+
+
+def test_failed_stage_is_recorded_not_dropped(tmp_path, tiny_config):
+    bad = tmp_path / "bad_method.yaml"
+    bad.write_text("model:\n  class_path: recpost.methods.ExpSFT\n  init_args:\n    lam: -1\n")
+    cfg = _study(tmp_path, tiny_config, f"  exp_sft:\n    config: {bad}\n")
+    out = experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+
+
+def test_empty_grid_is_rejected(tmp_path, tiny_config):
+    cfg = _study(tmp_path, tiny_config, f"  exp_sft:\n    config: {ROOT / 'configs/method/exp_sft.yaml'}\n    grid:\n      lam: []\n")
+    with pytest.raises(RecpostError, match="non-empty list"):
+        load_study(str(cfg))
+
+
+def test_output_dir_of_another_experiment_is_rejected(tmp_path, tiny_config):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "experiment.json").write_text(json.dumps({"name": "someone-else"}))
+    cfg = _study(tmp_path, tiny_config, f"  sft:\n    config: {ROOT / 'configs/method/sft.yaml'}\n")
+    with pytest.raises(RecpostError, match="another experiment"):
+        experiment(str(cfg), output_dir=str(out))
+
+
+def test_unknown_key_in_experiment_config_is_rejected(tmp_path, tiny_config):
+    cfg = _study(tmp_path, tiny_config, f"  sft:\n    config: {ROOT / 'configs/method/sft.yaml'}\n")
+    cfg.write_text(cfg.read_text() + "lambdas: [1]\n")
+    with pytest.raises(RecpostError, match="unknown keys"):
+        load_study(str(cfg))
