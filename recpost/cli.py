@@ -96,17 +96,28 @@ def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:
     )
 
 
+def run_experiment_cli(args: list[str]) -> None:
+    """``recpost experiment``: arguments from the signature of ``recpost.experiment.experiment``.
+
+    (``jsonargparse.CLI`` would reserve ``--config`` for its own config files; here ``--config`` is
+    the experiment YAML, as users expect.)
+    """
+    from jsonargparse import ArgumentParser
+
+    from recpost.experiment import experiment
+
+    parser = ArgumentParser(prog="recpost experiment", description=experiment.__doc__.splitlines()[0])
+    parser.add_function_arguments(experiment)
+    experiment(**parser.parse_args(args).as_dict())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``recpost`` console script and ``python -m recpost``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["experiment"]:
-            from jsonargparse import CLI
-
-            from recpost.experiment import experiment
-
-            CLI(experiment, args=args[1:])
+            run_experiment_cli(args[1:])
         else:
             run_lightning_cli(argv)
     except RecpostError as exc:

@@ -82,3 +82,13 @@ def test_unknown_key_in_experiment_config_is_rejected(tmp_path, tiny_config):
     cfg.write_text(cfg.read_text() + "lambdas: [1]\n")
     with pytest.raises(RecpostError, match="unknown keys"):
         load_study(str(cfg))
+
+
+def test_cli_reads_the_experiment_config_from_dash_dash_config(tmp_path):
+    from tests.test_cli import recpost
+
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("name: x\n")
+    out = recpost("experiment", "--config", str(cfg))
+    assert out.returncode == 2
+    assert "needs pretrain_config" in out.stderr and str(cfg) in out.stderr
