@@ -1,4 +1,4 @@
-"""``recpost`` command line: ``fit | validate | test | predict`` (LightningCLI) and ``experiment``.
+"""``recpost`` command line: ``fit | validate | test | predict`` (LightningCLI), ``experiment``, ``bench``.
 
 ``model.class_path`` picks the method (``recpost.methods.SFT``, ...); ``data.n_items``,
 ``data.item_map_hash`` and ``data.max_len`` are linked into the model. Configs compose left to
@@ -96,19 +96,22 @@ def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:
     )
 
 
-def run_experiment_cli(args: list[str]) -> None:
-    """``recpost experiment``: arguments from the signature of ``recpost.experiment.experiment``.
+def run_function_cli(name: str, args: list[str]) -> None:
+    """``recpost experiment`` / ``recpost bench``: arguments from the function's typed signature.
 
-    (``jsonargparse.CLI`` would reserve ``--config`` for its own config files; here ``--config`` is
-    the experiment YAML, as users expect.)
+    (``jsonargparse.CLI`` would reserve ``--config`` for its own config files; for ``experiment``,
+    ``--config`` is the experiment YAML, as users expect.)
     """
     from jsonargparse import ArgumentParser
 
-    from recpost.experiment import experiment
+    if name == "experiment":
+        from recpost.experiment import experiment as fn
+    else:
+        from recpost.bench import bench as fn
 
-    parser = ArgumentParser(prog="recpost experiment", description=experiment.__doc__.splitlines()[0])
-    parser.add_function_arguments(experiment)
-    experiment(**parser.parse_args(args).as_dict())
+    parser = ArgumentParser(prog=f"recpost {name}", description=fn.__doc__.splitlines()[0])
+    parser.add_function_arguments(fn)
+    fn(**parser.parse_args(args).as_dict())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args[:1] == ["experiment"]:
-            run_experiment_cli(args[1:])
+        if args[:1] in (["experiment"], ["bench"]):
+            run_function_cli(args[0], args[1:])
         else:
             run_lightning_cli(argv)
     except RecpostError as exc:
