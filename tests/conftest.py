@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -13,6 +14,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 if SHARED_DATA.is_dir() and "RECPOST_DATA_DIR" not in os.environ:
     os.environ["RECPOST_DATA_DIR"] = str(SHARED_DATA)
 os.environ.setdefault("WANDB_MODE", "offline")
+# In-process tests use tiny tensors, where 2 OpenMP threads on a loaded 2-core machine spin-wait
+# (measured 13x slower); CLI subprocesses keep torch's default.
+torch.set_num_threads(1)
 os.environ.setdefault("WANDB_SILENT", "true")
 
 

@@ -18,7 +18,7 @@ import torch
 
 from recpost.errors import RecpostError
 from recpost.methods.base import RecModule
-from recpost.methods.losses import effective_sample_size, exp_reward_weights
+from recpost.methods.losses import effective_sample_size, exp_weighted_cross_entropy
 
 
 class ExpSFT(RecModule):
@@ -49,13 +49,11 @@ class ExpSFT(RecModule):
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, targets, rewards = self.next_item_logits(batch)  # [N, V + 1], [N], [N]
-        if not torch.isfinite(rewards).all():
-            raise RecpostError("NaN or infinite rewards in the batch; check the ratings and data.reward_transform")
-        weights = exp_reward_weights(rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight)
-        ce = self.cross_entropy(logits, targets)  # [N]
-        weighted = weights * ce
-        loss = weighted.mean()
+        loss, weights, ce = exp_weighted_cross_entropy(
+            logits, targets, rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight
+        )
         with torch.no_grad():
+            weighted = weights * ce
             logs = {
                 "weight_min": weights.min(), "weight_mean": weights.mean(), "weight_max": weights.max(),
                 "ess": effective_sample_size(weights), "ce": ce.mean(),

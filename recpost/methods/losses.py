@@ -56,3 +56,23 @@ def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
     """Kish's effective sample size as a share of the batch, in (0, 1]: ``(sum w)^2 / (N sum w^2)``."""
     w = weights.float()
     return w.sum() ** 2 / (w.numel() * (w**2).sum()).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def exp_weighted_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    rewards: torch.Tensor,
+    lam: float,
+    normalize: Literal["batch_mean", "none"] = "batch_mean",
+    max_weight: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exp-weighted SFT loss ``mean(w * CE)`` for ``logits [N, V]``, ``targets [N]``, ``rewards [N]``.
+
+    Returns ``(loss, weights [N], ce [N])``. Its population optimum is
+    ``pi(a|s) ∝ pi_beta(a|s) * exp(r(s, a) / lam)``; with ``lam -> inf`` it is plain cross-entropy.
+    """
+    if not torch.isfinite(rewards).all():
+        raise RecpostError("NaN or infinite rewards in the batch; check the ratings and data.reward_transform")
+    weights = exp_reward_weights(rewards, lam, normalize, max_weight)
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return (weights * ce).mean(), weights, ce
