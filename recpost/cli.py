@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from recpost.data import RecDataModule
@@ -56,6 +56,48 @@ class MetricsWriter(L.Callback):
         self._write(trainer, "test")
 
 
+class PredictionWriter(BasePredictionWriter):
+    """``recpost predict`` writes ``predictions.csv`` (user_id, rank, item_id, score) with the source's ids.
+
+    Under DDP the ranks' predictions are gathered; rank 0 drops users that the unrepeated sampler
+    could not have repeated anyway (a safeguard) and writes a temporary file renamed into place.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        import torch
+
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank asks
+        dm = trainer.datamodule
+        users = torch.cat([p["user_index"] for p in predictions])  # [U]
+        items = torch.cat([p["items"] for p in predictions])  # [U, k]
+        scores = torch.cat([p["scores"] for p in predictions])  # [U, k]
+        gathered = trainer.strategy.all_gather({"u": users, "i": items, "s": scores}) if trainer.world_size > 1 else None
+        if not trainer.is_global_zero:
+            return
+        if gathered is not None:
+            users, items, scores = (gathered[k].reshape(-1, *gathered[k].shape[2:]) for k in ("u", "i", "s"))
+        keep = torch.unique(users, sorted=True, return_inverse=True)[1]
+        first = torch.full((int(keep.max()) + 1,), len(users), dtype=torch.long).scatter_reduce(
+            0, keep, torch.arange(len(users)), reduce="amin")
+        users, items, scores = users[first], items[first], scores[first]
+        user_ids = dm.data.user_ids.data.table.column("user_id").take(users.numpy()).to_pylist()
+        item_ids = dm.original_item_ids(items.numpy())
+        k = items.shape[1]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / "predictions.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w") as fh:
+            fh.write("user_id,rank,item_id,score\n")
+            for row, user in enumerate(user_ids):
+                for r in range(k):
+                    fh.write(f"{user},{r + 1},{item_ids[row * k + r]},{scores[row, r].item():.6g}\n")
+        os.replace(tmp, path)
+        print(f"predictions written to {path}")
+
+
 class RecpostCLI(LightningCLI):
     """LightningCLI with recpost's links, best-checkpoint selection and default CSV logging."""
 
@@ -83,6 +125,8 @@ class RecpostCLI(LightningCLI):
             }
         callbacks = trainer.get("callbacks") or []
         trainer["callbacks"] = [*callbacks, {"class_path": "recpost.cli.MetricsWriter"}]
+        if self.subcommand == "predict":
+            trainer["callbacks"].append({"class_path": "recpost.cli.PredictionWriter"})
 
 
 def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:

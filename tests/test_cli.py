@@ -89,3 +89,22 @@ def test_bad_max_len_is_one_clear_line(tiny_config):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and "max_len" in lines[-1]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_predict_writes_top10_per_user_with_source_ids(fitted):
+    cfg, run = fitted
+    out = recpost("predict", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (_run_dir(cfg.parent / "runs") / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "user_id,rank,item_id,score"
+    rows = [line.split(",") for line in lines[1:]]
+    assert len(rows) == 101 * 10
+    assert {r[0] for r in rows} == {f"u{i}" for i in range(101)}
+    assert all(r[2].startswith("i") for r in rows)
+    # no user is recommended an item they already had
+    history = {}
+    for line in (cfg.parent / "tiny.csv").read_text().splitlines()[1:]:
+        u, i, *_ = line.split(",")
+        history.setdefault(u, set()).add(i)
+    assert all(r[2] not in history[r[0]] for r in rows)
