@@ -223,9 +223,10 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
     owner.write_text(json.dumps({"name": study.name, "config": str(study.pretrain_config)}, indent=2))
     rows: list[dict] = []
     base_args = ["--config", str(study.pretrain_config)]
+    selection = [] if study.monitor == "val/ndcg@10" else [f"--checkpoint.monitor={study.monitor}", "--checkpoint.mode=max"]
     for seed in range(n_seeds):
         seed_args = [*base_args, "--seed_everything", str(seed)]
-        pre = run_stage(out / f"seed{seed}" / "base", [*seed_args, *study.pretrain_overrides], study.monitor)
+        pre = run_stage(out / f"seed{seed}" / "base", [*seed_args, *selection, *study.pretrain_overrides], study.monitor)
         rows.append({"method": "base", "setting": {}, "seed": seed, "status": pre["status"], **pre.get("metrics", {})})
         _say(f"seed {seed} base: {pre['status']} {_summary(pre, study.monitor)}")
         if pre["status"] != "ok":
@@ -234,7 +235,7 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
             for setting in method.settings():
                 tag = "-".join(f"{k}{v}" for k, v in setting.items()) or "default"
                 args = [*seed_args, "--config", str(method.config), "--model.init_args.init_from", pre["checkpoint"],
-                        "--trainer.max_epochs", str(study.posttrain_epochs), *study.posttrain_overrides,
+                        "--trainer.max_epochs", str(study.posttrain_epochs), *selection, *study.posttrain_overrides,
                         *[f"--model.init_args.{k}={v}" for k, v in setting.items()]]
                 res = run_stage(out / f"seed{seed}" / method.name / tag, args, study.monitor)
                 rows.append({"method": method.name, "setting": setting, "seed": seed, "status": res["status"],
