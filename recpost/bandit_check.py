@@ -54,7 +54,9 @@ def run(lams: tuple[float, ...] = (0.5, 1.0), noise_std: float = 0.5, n_per_cont
     """Figures for the closing note: KL at start/end per lambda, BC's KL, values, noise check."""
     figures: dict[str, float] = {}
     for noise in (0.0, noise_std):
-        world = BanditWorld(n_contexts=16, n_actions=20, history_len=2, seed=seed, noise_std=noise)
+        # Gaussian noise without rounding to stars (observations are still clipped to [1, 5]).
+        world = BanditWorld(n_contexts=16, n_actions=20, history_len=2, seed=seed, noise_std=noise,
+                            behavior_temperature=0.5, slate_size=0, round_to_stars=False)
         gen = torch.Generator().manual_seed(seed + 1)
         logs = world.sample_logs(n_per_context, gen)
         tag = f"noise{noise:g}"

@@ -12,7 +12,9 @@ from recpost.data.simulator import BanditWorld
 
 
 def _logs(noise: float, n: int = 1500, seed: int = 0):
-    world = BanditWorld(n_contexts=8, n_actions=12, history_len=2, seed=seed, noise_std=noise)
+    # World knobs pinned here so that changes of the simulator's defaults do not move this check.
+    world = BanditWorld(n_contexts=8, n_actions=12, history_len=2, seed=seed, noise_std=noise,
+                        behavior_temperature=0.5, slate_size=0, round_to_stars=False)
     return world, world.sample_logs(n, torch.Generator().manual_seed(seed + 1))
 
 
