@@ -167,6 +167,21 @@ def main(argv: list[str] | None = None) -> None:
             run_function_cli(args[0], args[1:])
         else:
             run_lightning_cli(argv)
-    except RecpostError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else propagates
+        user_error = _user_error(exc)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(exc: BaseException | None) -> RecpostError | None:
+    """The ``RecpostError`` behind ``exc``, if any: jsonargparse wraps errors raised while it
+    instantiates a subclass (e.g. ``model.lam: 0``) in its own exception."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, RecpostError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -108,3 +108,10 @@ def test_predict_writes_top10_per_user_with_source_ids(fitted):
         u, i, *_ = line.split(",")
         history.setdefault(u, set()).add(i)
     assert all(r[2] not in history[r[0]] for r in rows)
+
+
+def test_bad_method_setting_is_one_clear_line_not_a_traceback(tiny_config):
+    out = recpost("fit", "--config", str(tiny_config), "--model", "recpost.methods.ExpSFT", "--model.init_args.lam", "0")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: model.lam must be > 0")
+    assert "Traceback" not in out.stderr
