@@ -15,14 +15,20 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from recpost.errors import RecpostError
 from recpost.evaluation import RankingMetrics, mask_items
+from recpost.methods.policy import freeze, top_k_reward
 from recpost.models import BackboneConfig, build_backbone
 
 # Evaluation metrics are computed by torchmetrics objects that already synchronise across ranks in
 # compute(); logging their (identical) values without sync_dist is intended.
 warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+
+# Frozen reward models a method may hold -> the per-user evaluation metric each one adds.
+REWARD_MODEL_METRICS = {"reward_model": "rm_reward@10", "eval_reward_model": "eval_rm_reward@10"}
+RM_TOP_K = 10
 
 
 class RecModule(L.LightningModule):
@@ -41,6 +47,9 @@ class RecModule(L.LightningModule):
             not mask, such as RecBole's sequential models).
         init_from: checkpoint to start from (weights only, ``weights_only=True``); its catalog must
             match the data's.
+        eval_reward_model: a RewardModel checkpoint used only for evaluation: logs
+            ``eval_rm_reward@10``, its mean predicted rating of the policy's top-10 (a second, independent
+            RM, e.g. another seed, shows whether a method hacks the RM it was trained against).
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class RecModule(L.LightningModule):
         lr_schedule: Literal["constant", "cosine"] = "constant",
         mask_history: bool = True,
         init_from: str | None = None,
+        eval_reward_model: str | None = None,
     ) -> None:
         super().__init__()
         if n_items < 1:
@@ -68,8 +78,13 @@ class RecModule(L.LightningModule):
         self.test_metrics = RankingMetrics(n_items)
         self._metrics_ready = False
         self._truth = None
+        # Frozen modules (reference policy, reward models) live outside the module tree: no optimiser,
+        # no state_dict (rebuilt from their own checkpoints), never in train mode; `_apply` moves them.
+        self._frozen: dict[str, nn.Module] = {}
         if init_from:
             self.load_weights(init_from)
+        if eval_reward_model:
+            self.hold_frozen("eval_reward_model", self.load_reward_model(eval_reward_model, "model.eval_reward_model"))
 
     # ----------------------------------------------------------------------------------- weights
     def load_weights(self, path: str) -> None:
@@ -105,6 +120,23 @@ class RecModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._check_catalog(checkpoint.get("hyper_parameters", {}), "the checkpoint")
+
+    def load_reward_model(self, path: str, what: str) -> nn.Module:
+        """A frozen ``RewardModel`` from its checkpoint; its catalog must match the data's."""
+        from recpost.methods.reward_model import load_reward_model  # the RM is itself a RecModule
+
+        return load_reward_model(path, item_map_hash=self.hparams.item_map_hash, what=what)
+
+    def hold_frozen(self, name: str, module: nn.Module) -> nn.Module:
+        """Keep ``module`` frozen beside this one (moved with it, never trained, never saved)."""
+        self._frozen[name] = freeze(module)
+        return module
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for module in self.__dict__.get("_frozen", {}).values():
+            module._apply(fn, *args, **kwargs)
+        return self
 
     # ----------------------------------------------------------------------------------- training
     def next_item_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,7 +195,7 @@ class RecModule(L.LightningModule):
     def _reset_metrics(self) -> None:
         """(Re)build the metric objects with the ground-truth metric names of this data, if any."""
         truth = self._ground_truth()
-        extra = tuple(truth.metric_names) if truth is not None else ()
+        extra = (tuple(truth.metric_names) if truth is not None else ()) + self.extra_metric_names()
         if not self._metrics_ready or self.val_metrics.extra != extra:
             self.val_metrics = RankingMetrics(self.hparams.n_items, extra=extra).to(self.device)
             self.test_metrics = RankingMetrics(self.hparams.n_items, extra=extra).to(self.device)
@@ -179,9 +211,24 @@ class RecModule(L.LightningModule):
             mask_items(scores, batch["history_items"])
         return scores
 
+    def extra_metric_names(self) -> tuple[str, ...]:
+        """Names of the per-user values ``extra_metrics`` adds to the evaluation (averaged over users)."""
+        return tuple(metric for name, metric in REWARD_MODEL_METRICS.items() if name in self._frozen)
+
+    def extra_metrics(self, batch: dict[str, torch.Tensor], scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-user values ``name -> [B]`` for ``scores [B, n_items + 1]`` (masked): here the mean predicted
+        rating of the top-10 under each reward model held (``rm_reward@10``, ``eval_rm_reward@10``)."""
+        out = {}
+        for name, metric in REWARD_MODEL_METRICS.items():
+            if name in self._frozen:
+                rewards = self._frozen[name].predict_rewards(batch["input_items"], batch["input_ratings"])  # [B, V + 1]
+                out[metric] = top_k_reward(rewards, scores, RM_TOP_K)
+        return out
+
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
         scores = self.catalog_scores(batch)
-        extra = self._truth.evaluate(batch, scores) if self._truth is not None else None
+        extra = self._truth.evaluate(batch, scores) if self._truth is not None else {}
+        extra.update(self.extra_metrics(batch, scores))
         metrics.update(scores, batch["target_item"], batch["target_rating"], batch["target_liked"], batch["user_index"], extra)
 
     def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict[str, float]:

@@ -1,0 +1,346 @@
+"""PPO against a learned reward model, in the contextual-bandit view: state = history, action = one item.
+
+Each training batch is one rollout (TRL's PPO / RLOO / GRPO, with one-token "completions"):
+
+1. **States**: every position of the training windows that has a logged next item
+   (``state_positions: all``, the states SFT and exp-weighted SFT train on) or only the newest one
+   (``last``). The history a state has had is masked: it is never sampled.
+2. **Samples**: ``k`` items per state from the current policy, i.i.d. (``replacement: true``, like TRL's
+   k completions per prompt, which keeps the group baseline unbiased) or k distinct items by
+   Gumbel-top-k (``false``).
+3. **Reward**: the frozen reward model's predicted rating. With ``kl_estimator: k1 | k3`` the sampled
+   KL penalty is subtracted per sample, as TRL's PPO does (``reward - kl_coef * kl``). With ``exact``
+   (default) ``kl_coef * KL(pi || pi_ref)``, summed over the whole catalog, is added to the loss
+   instead: its gradient is exact, with no sampling noise (a KL constant per state would cancel in the
+   group baseline, so it cannot go into the reward).
+4. **Advantage**: ``baseline: group`` subtracts the mean reward of the state's *other* k - 1 samples
+   (RLOO, unbiased); ``scale_rewards: group | batch`` also divides by the group's / batch's reward std
+   (GRPO). ``baseline: value`` subtracts a learned value ``V(s)`` (a linear head on the policy's state,
+   clipped value loss weighted by ``vf_coef``, as TRL's PPO).
+5. **Updates**: ``ppo_epochs`` passes over ``num_minibatches`` minibatches of windows, clipped surrogate
+   ``max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range))`` with ``r = pi / pi_old``, optional entropy
+   bonus, gradient norm clipped at ``max_grad_norm``. The first minibatch of a rollout is computed
+   exactly as in the rollout (same windows, no dropout), so its ratio is exactly 1.
+6. **Adaptive KL** (``target_kl``): after each rollout ``kl_coef *= 1 + clip(KL / target_kl - 1, -0.2,
+   0.2) * n_states / kl_horizon`` (Ziegler et al., 2019; TRL's former ``AdaptiveKLController``).
+
+Logged each rollout (TRL's names): ``objective/rm_reward`` (mean RM reward of the samples),
+``objective/kl`` (exact KL of the policy to the reference, mean over states, before the update),
+``objective/entropy`` (exact, over the catalog), ``objective/non_score_reward`` (``-kl_coef * kl``),
+``objective/rlhf_reward``, ``objective/kl_coef``, ``policy/clipfrac``, ``policy/approxkl``
+(``0.5 * mean((log pi - log pi_old)^2)``), ``policy/ratio``, ``loss/policy``, and with a value
+baseline ``loss/value``, ``value/clipfrac`` (TRL's ``val/clipfrac``, renamed: ``val/`` is validation
+here). ``trainer.max_steps`` counts optimiser steps: ``ppo_epochs * num_minibatches`` per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from recpost.errors import RecpostError
+from recpost.methods.base import RecModule
+from recpost.methods.policy import (
+    entropy,
+    exact_kl,
+    frozen_copy,
+    kl_k1,
+    kl_k3,
+    sample_items,
+    state_log_probs,
+    state_positions,
+)
+from recpost.methods.policy import disable_dropout as turn_off_dropout
+
+# TRL's epsilon in reward scaling (GRPO's scale_rewards); keeps constant-reward groups finite.
+STD_EPS = 1e-4
+# Ziegler et al.'s adaptive KL controller clips the proportional error to this range.
+KL_ERROR_CLIP = 0.2
+
+
+@dataclass
+class Rollout:
+    """What one rollout fixes for its ``ppo_epochs`` of updates (N states, k samples each)."""
+
+    states: torch.Tensor  # [B, L] bool: positions used as states
+    index: torch.Tensor  # [B, L] long: row of each state in the [N, ...] tensors (-1 elsewhere)
+    actions: torch.Tensor  # [N, k] sampled items
+    logp_old: torch.Tensor  # [N, k] their log-probability under the policy at rollout time
+    advantages: torch.Tensor  # [N, k]
+    returns: torch.Tensor  # [N, k] value targets (the rewards, KL-shaped for k1/k3)
+    values: torch.Tensor | None  # [N] V_old(s) (value baseline only)
+    ref_logp: torch.Tensor | None  # [N, V + 1] reference log-probs (exact KL only)
+    stats: dict[str, torch.Tensor]
+
+
+def group_advantages(rewards: torch.Tensor, scale: Literal["none", "group", "batch"] = "none") -> torch.Tensor:
+    """RLOO advantages ``[N, k] -> [N, k]``: each reward minus the mean of the other k - 1 of its state,
+    optionally divided by the reward std of the group or of the whole batch (GRPO's ``scale_rewards``)."""
+    k = rewards.shape[1]
+    adv = rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+    return scale_advantages(adv, rewards, scale)
+
+
+def scale_advantages(adv: torch.Tensor, rewards: torch.Tensor, scale: str) -> torch.Tensor:
+    if scale == "group":
+        return adv / (rewards.std(dim=1, keepdim=True) + STD_EPS)
+    if scale == "batch":
+        return adv / (rewards.std() + STD_EPS)
+    return adv
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped policy loss (mean over samples) and TRL's diagnostics; all inputs ``[N, k]``."""
+    ratio = torch.exp(logp - logp_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.max(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "policy/clipfrac": (clipped > unclipped).float().mean(),
+            "policy/approxkl": 0.5 * ((logp - logp_old) ** 2).mean(),
+            "policy/ratio": ratio.mean(),
+        }
+    return loss, stats
+
+
+class PPO(RecModule):
+    """PPO of the next-item policy against a frozen reward model, with a KL penalty to the initial policy.
+
+    Args:
+        reward_model: the RewardModel checkpoint (``best.ckpt`` of ``configs/method/reward_model.yaml``).
+        k: items sampled per state (TRL GRPO's ``num_generations``).
+        kl_coef: weight of ``KL(pi || pi_ref)`` (reward units, i.e. stars, per nat); the start value
+            when ``target_kl`` is set.
+        kl_estimator: ``exact`` (over the catalog, in the loss), or TRL's sampled ``k1`` / ``k3``
+            (subtracted from each sample's reward).
+        baseline: ``group`` (RLOO leave-one-out mean of the k samples) or ``value`` (learned V(s)).
+        scale_rewards: divide advantages by the reward std of the ``group`` or the ``batch``; ``none``.
+        clip_range: PPO's epsilon; the ratio is clipped to ``[1 - clip_range, 1 + clip_range]``.
+        ppo_epochs: optimisation passes over each rollout (TRL's ``num_ppo_epochs``).
+        num_minibatches: minibatches (of windows) per pass (TRL's ``num_mini_batches``).
+        entropy_coef: weight of an entropy bonus (0: none).
+        vf_coef: weight of the value loss (value baseline).
+        cliprange_value: clip of the value update around V_old (value baseline).
+        target_kl: adaptive KL controller's target (nats per state); ``null``: fixed ``kl_coef``.
+        kl_horizon: adaptive controller's horizon (states).
+        max_grad_norm: clip the gradient norm of each update (``null``: no clipping).
+        state_positions: ``all`` positions with a logged next item, or the ``last`` one per window.
+        replacement: sample the k items i.i.d. (``true``) or k distinct items (``false``).
+        disable_dropout: no dropout in the policy (TRL's default for RL): rollout and update agree.
+        **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, ...).
+    """
+
+    def __init__(
+        self,
+        *args,
+        reward_model: str | None = None,
+        k: int = 8,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["exact", "k1", "k3"] = "exact",
+        baseline: Literal["group", "value"] = "group",
+        scale_rewards: Literal["none", "group", "batch"] = "none",
+        clip_range: float = 0.2,
+        ppo_epochs: int = 4,
+        num_minibatches: int = 1,
+        entropy_coef: float = 0.0,
+        vf_coef: float = 0.1,
+        cliprange_value: float = 0.2,
+        target_kl: float | None = None,
+        kl_horizon: int = 10000,
+        max_grad_norm: float | None = 1.0,
+        state_positions: Literal["all", "last"] = "all",
+        replacement: bool = True,
+        disable_dropout: bool = True,
+        **kwargs,
+    ) -> None:
+        _check_ppo_args(reward_model, k, kl_coef, kl_estimator, baseline, scale_rewards, clip_range, ppo_epochs,
+                        num_minibatches, entropy_coef, vf_coef, cliprange_value, target_kl, kl_horizon, max_grad_norm,
+                        state_positions)
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters(
+            "reward_model", "k", "kl_coef", "kl_estimator", "baseline", "scale_rewards", "clip_range", "ppo_epochs",
+            "num_minibatches", "entropy_coef", "vf_coef", "cliprange_value", "target_kl", "kl_horizon",
+            "max_grad_norm", "state_positions", "replacement", "disable_dropout",
+        )
+        self.automatic_optimization = False
+        if disable_dropout:
+            turn_off_dropout(self.backbone)
+        self.hold_frozen("reference", frozen_copy(self.backbone))
+        self.hold_frozen("reward_model", self.load_reward_model(reward_model, "model.reward_model"))
+        d_model = self.backbone.item_weights().shape[1]
+        self.value_head = nn.Linear(d_model, 1) if baseline == "value" else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+        # The current KL coefficient (moves with target_kl), saved with the policy.
+        self.register_buffer("kl_coef_value", torch.tensor(float(kl_coef)))
+        if self.value_head is not None:  # V's bias is set from the first rollout's rewards
+            self.register_buffer("value_initialized", torch.tensor(False))
+
+    # ----------------------------------------------------------------------------------- rollout
+    def _minibatches(self, n_rows: int, shuffle: bool, device: torch.device) -> list[torch.Tensor]:
+        """Row (window) indices of each minibatch: in order for the rollout and the first pass, shuffled after."""
+        order = torch.randperm(n_rows) if shuffle else torch.arange(n_rows)
+        return [rows.to(device) for rows in order.tensor_split(self.hparams.num_minibatches) if len(rows)]
+
+    def _log_probs(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, states: torch.Tensor, backbone=None):
+        """Policy (or ``backbone``) log-probs and hidden states at the states of ``rows`` of the batch."""
+        return state_log_probs(backbone or self.backbone, batch["input_items"][rows], batch["input_ratings"][rows],
+                               states[rows], self.hparams.mask_history)
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
+        """Sample k items per state, score them with the RM, and fix the advantages (see the module doc)."""
+        hp = self.hparams
+        states = state_positions(batch, hp.state_positions)  # [B, L]
+        n = int(states.sum())
+        index = torch.full(states.shape, -1, dtype=torch.long, device=states.device)
+        index[states] = torch.arange(n, device=states.device)
+        actions = torch.empty(n, hp.k, dtype=torch.long, device=states.device)
+        logp_old, ref_a = torch.empty(n, hp.k, device=states.device), torch.empty(n, hp.k, device=states.device)
+        kl, ent = torch.empty(n, device=states.device), torch.empty(n, device=states.device)
+        d_model = self.backbone.item_weights().shape[1]
+        hidden_all = torch.empty(n, d_model, device=states.device) if self.value_head is not None else None
+        ref_full = torch.empty(n, hp.n_items + 1, device=states.device) if hp.kl_estimator == "exact" else None
+        # The same windows, in the same order, as the first update's minibatches: its ratio is exactly 1.
+        for rows in self._minibatches(len(states), shuffle=False, device=states.device):
+            idx = index[rows][states[rows]]
+            logp, hidden = self._log_probs(batch, rows, states)  # [m, V + 1], [m, d]
+            ref, _ = self._log_probs(batch, rows, states, self._frozen["reference"])
+            a = sample_items(logp, hp.k, replacement=hp.replacement)  # [m, k]
+            actions[idx], logp_old[idx], ref_a[idx] = a, logp.gather(1, a), ref.gather(1, a)
+            kl[idx], ent[idx] = exact_kl(logp, ref), entropy(logp)
+            if ref_full is not None:
+                ref_full[idx] = ref
+            if hidden_all is not None:
+                hidden_all[idx] = hidden.float()
+        rm = self._frozen["reward_model"]
+        rm_rewards = rm.rewards_at(batch["input_items"], batch["input_ratings"], states).gather(1, actions)  # [N, k]
+        coef = self.kl_coef_value
+        returns = rm_rewards
+        if hp.kl_estimator != "exact":
+            estimate = kl_k1 if hp.kl_estimator == "k1" else kl_k3
+            returns = rm_rewards - coef * estimate(logp_old, ref_a)
+        values = None
+        if self.value_head is None:
+            advantages = group_advantages(returns, hp.scale_rewards)
+        else:
+            if not bool(self.value_initialized):  # start V at the mean reward, not at 0 stars
+                self.value_head.bias.fill_(returns.mean())
+                self.value_initialized.fill_(True)
+            values = self.value_head(hidden_all).squeeze(-1)  # [N]
+            advantages = scale_advantages(returns - values[:, None], returns, hp.scale_rewards)
+        mean_kl = kl.mean()
+        stats = {
+            "objective/rm_reward": rm_rewards.mean(),
+            "objective/kl": mean_kl,
+            "objective/entropy": ent.mean(),
+            "objective/non_score_reward": -coef * mean_kl,
+            "objective/rlhf_reward": rm_rewards.mean() - coef * mean_kl,
+            "objective/kl_coef": coef.clone(),
+        }
+        return Rollout(states, index, actions, logp_old, advantages, returns, values, ref_full, stats)
+
+    # ----------------------------------------------------------------------------------- update
+    def minibatch_loss(
+        self, batch: dict[str, torch.Tensor], roll: Rollout, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Loss of one update on the windows ``rows``; returns ``(loss, diagnostics, ratio [m, k])``."""
+        hp = self.hparams
+        idx = roll.index[rows][roll.states[rows]]
+        logp, hidden = self._log_probs(batch, rows, roll.states)  # [m, V + 1], [m, d]
+        logp_a, logp_old = logp.gather(1, roll.actions[idx]), roll.logp_old[idx]
+        loss, stats = clipped_surrogate(logp_a, logp_old, roll.advantages[idx], hp.clip_range)
+        stats["loss/policy"] = loss.detach()
+        if hp.entropy_coef > 0:
+            loss = loss - hp.entropy_coef * entropy(logp).mean()
+        if roll.ref_logp is not None:
+            loss = loss + self.kl_coef_value * exact_kl(logp, roll.ref_logp[idx]).mean()
+        if self.value_head is not None:
+            v_old, target = roll.values[idx], roll.returns[idx]  # [m], [m, k]
+            v = self.value_head(hidden.float()).squeeze(-1)
+            v_clipped = v_old + (v - v_old).clamp(-hp.cliprange_value, hp.cliprange_value)
+            unclipped, clipped = (v[:, None] - target) ** 2, (v_clipped[:, None] - target) ** 2
+            value_loss = 0.5 * torch.max(unclipped, clipped).mean()
+            loss = loss + hp.vf_coef * value_loss
+            stats["loss/value"] = value_loss.detach()
+            stats["value/clipfrac"] = (clipped > unclipped).float().mean()
+        ratio = torch.exp(logp_a - logp_old).detach()
+        return loss, stats, ratio
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        hp = self.hparams
+        opt = self.optimizers()
+        roll = self.rollout(batch)
+        losses, stats = [], []
+        for epoch in range(hp.ppo_epochs):
+            for rows in self._minibatches(len(roll.states), shuffle=epoch > 0, device=roll.states.device):
+                loss, s, _ = self.minibatch_loss(batch, roll, rows)
+                if not torch.isfinite(loss):
+                    raise RecpostError(f"PPO loss became {loss.item()} at step {self.global_step}; lower model.lr or kl_coef")
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                losses.append(loss.detach())
+                stats.append(s)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self._adapt_kl_coef(roll.stats["objective/kl"], int(roll.states.sum()))
+        n_windows = batch["input_items"].shape[0]
+        logs = {**roll.stats, **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}}
+        self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=n_windows)
+        self.log_dict(logs, batch_size=n_windows)
+
+    def _adapt_kl_coef(self, kl: torch.Tensor, n_states: int) -> None:
+        target = self.hparams.target_kl
+        if target is None:
+            return
+        if self._trainer is not None and self.trainer.world_size > 1:
+            kl = self.trainer.strategy.reduce(kl, reduce_op="mean")  # every rank keeps the same kl_coef
+        error = (kl / target - 1.0).clamp(-KL_ERROR_CLIP, KL_ERROR_CLIP)
+        self.kl_coef_value.mul_(1.0 + error * n_states / self.hparams.kl_horizon)
+
+
+def _check_ppo_args(reward_model, k, kl_coef, kl_estimator, baseline, scale_rewards, clip_range, ppo_epochs,
+                    num_minibatches, entropy_coef, vf_coef, cliprange_value, target_kl, kl_horizon, max_grad_norm,
+                    state_positions) -> None:
+    """One clear error per bad setting, before anything is built."""
+    if not reward_model:
+        raise RecpostError(
+            "PPO needs model.reward_model: the best.ckpt of `recpost fit --config <pretrain.yaml> "
+            "--config configs/method/reward_model.yaml`"
+        )
+    choices = {"kl_estimator": (kl_estimator, ("exact", "k1", "k3")), "baseline": (baseline, ("group", "value")),
+               "scale_rewards": (scale_rewards, ("none", "group", "batch")),
+               "state_positions": (state_positions, ("all", "last"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise RecpostError(f"model.{name} must be one of {', '.join(allowed)} (got {value!r})")
+    if k < 1:
+        raise RecpostError(f"model.k must be >= 1 (got {k})")
+    if baseline == "group" and k < 2:
+        raise RecpostError(f"model.k must be >= 2 with baseline: group (got {k}); the baseline is the other samples' mean")
+    if kl_coef < 0:
+        raise RecpostError(f"model.kl_coef must be >= 0 (got {kl_coef}); 0 disables the KL penalty")
+    if not clip_range > 0:
+        raise RecpostError(f"model.clip_range must be > 0 (got {clip_range}); TRL's default is 0.2")
+    for name, value in (("ppo_epochs", ppo_epochs), ("num_minibatches", num_minibatches), ("kl_horizon", kl_horizon)):
+        if value < 1:
+            raise RecpostError(f"model.{name} must be >= 1 (got {value})")
+    for name, value in (("entropy_coef", entropy_coef), ("vf_coef", vf_coef)):
+        if value < 0:
+            raise RecpostError(f"model.{name} must be >= 0 (got {value})")
+    if not cliprange_value > 0:
+        raise RecpostError(f"model.cliprange_value must be > 0 (got {cliprange_value})")
+    if target_kl is not None and not target_kl > 0:
+        raise RecpostError(f"model.target_kl must be > 0 or null (got {target_kl})")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise RecpostError(f"model.max_grad_norm must be > 0 or null (got {max_grad_norm})")

@@ -1,0 +1,151 @@
+"""DPO / IPO on item pairs: the losses by hand, the start at the reference, pair construction, a real fit."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from recpost.errors import RecpostError
+from recpost.methods import DPO
+from recpost.methods.dpo import dpo_loss, logged_pairs
+from tests.policy_helpers import (
+    build,
+    last_metrics,
+    pretrained_checkpoint,
+    recpost,
+    reward_model_checkpoint,
+    tiny_datamodule,
+)
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "method" / "dpo.yaml"
+
+# log pi(c) = -1, log pi(r) = -2, log pi_ref(c) = log pi_ref(r) = -1.5: margin = 0.5 - (-0.5) = 1.
+LOGPS = [torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5)]
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    dm = tiny_datamodule(tmp_path)
+    return dm, pretrained_checkpoint(dm, tmp_path / "pre.ckpt"), reward_model_checkpoint(dm, tmp_path / "rm.ckpt")
+
+
+def _dpo(setup, **kw) -> DPO:
+    dm, pre, rm = setup
+    return build(DPO, dm, **{"init_from": str(pre), "reward_model": str(rm), **kw})
+
+
+def test_sigmoid_loss_and_implicit_rewards_match_hand_computed_values():
+    losses, chosen, rejected = dpo_loss(*LOGPS, beta=0.5)
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-0.5)))  # -log sigmoid(0.5 * 1)
+    assert (chosen.item(), rejected.item()) == pytest.approx((0.25, -0.25))
+
+
+def test_label_smoothing_mixes_in_the_flipped_preference():
+    losses, _, _ = dpo_loss(*LOGPS, beta=0.5, label_smoothing=0.1)
+    assert losses.item() == pytest.approx(0.9 * math.log1p(math.exp(-0.5)) + 0.1 * math.log1p(math.exp(0.5)))
+
+
+def test_ipo_loss_matches_hand_computed_values():
+    assert dpo_loss(*LOGPS, beta=0.5, loss_type="ipo")[0].item() == pytest.approx(0.0)  # (1 - 1/(2*0.5))^2
+    assert dpo_loss(*LOGPS, beta=0.25, loss_type="ipo")[0].item() == pytest.approx(1.0)  # (1 - 2)^2
+
+
+@pytest.mark.parametrize("pair_source", ["reward_model", "logged"])
+def test_policy_equal_to_reference_gives_log_2_and_zero_margins(setup, pair_source):
+    dpo = _dpo(setup, pair_source=pair_source)
+    loss, logs = dpo.training_loss(setup[0]._collate_train(list(range(32))))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert logs["rewards/margins"].item() == 0.0 and logs["rewards/chosen"].item() == 0.0
+    assert 0 < logs["pairs/kept"].item() <= 1
+
+
+def test_logged_pairs_choose_the_higher_rating_and_skip_ties():
+    # one window: targets a=1 (4 stars), b=2 (4 stars), c=3 (2 stars), d=4 (5 stars)
+    items = torch.tensor([[1, 2, 3, 4]])
+    ratings = torch.tensor([[4.0, 4.0, 2.0, 5.0]])
+    states = torch.ones(1, 4, dtype=torch.bool)
+    chosen, rejected, valid = logged_pairs(items, ratings, states, generator=torch.Generator().manual_seed(0))
+    assert valid.tolist() == [[True, True, True, False]]  # the last state has no later item
+    # state 2 (c, 2 stars) can only pair with d (5 stars): d chosen
+    assert (chosen[0, 2].item(), rejected[0, 2].item()) == (4, 3)
+    for t in (0, 1):  # a or b (4 stars) against c (2 stars; chosen a/b) or d (5 stars; chosen d); never a vs b
+        pair = {chosen[0, t].item(), rejected[0, t].item()}
+        assert pair in ({t + 1, 3}, {t + 1, 4})
+        assert ratings[0, chosen[0, t] - 1] > ratings[0, rejected[0, t] - 1]
+
+
+def test_logged_pairs_never_use_an_item_of_the_states_history():
+    items = torch.tensor([[1, 2, 3]])
+    ratings = torch.tensor([[1.0, 5.0, 3.0]])
+    seen = torch.zeros(1, 3, 5, dtype=torch.bool)
+    seen[0, 0, 2] = True  # item 2 already had at state 0
+    chosen, rejected, valid = logged_pairs(items, ratings, torch.ones(1, 3, dtype=torch.bool), seen)
+    assert valid[0, 0] and {chosen[0, 0].item(), rejected[0, 0].item()} == {1, 3}
+
+
+def test_reward_model_pairs_are_ranked_by_the_reward_model(setup):
+    dpo = _dpo(setup)
+    batch = setup[0]._collate_train(list(range(32)))
+    states, chosen, rejected = dpo._pairs(batch)
+    rewards = dpo._frozen["reward_model"].rewards_at(batch["input_items"], batch["input_ratings"], states)
+    rows = torch.arange(len(chosen))
+    assert len(chosen) > 0 and (rewards[rows, chosen] > rewards[rows, rejected]).all()
+
+
+def test_a_few_updates_separate_chosen_from_rejected(setup):
+    dpo = _dpo(setup, beta=0.5, pair_source="logged")
+    opt = torch.optim.AdamW(dpo.parameters(), lr=0.02)
+    batch = setup[0]._collate_train(list(range(64)))
+    for _ in range(5):
+        loss, logs = dpo.training_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, logs = dpo.training_loss(batch)
+    assert logs["rewards/margins"].item() > 0 and logs["rewards/accuracies"].item() > 0.5
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"beta": 0.0}, "beta must be > 0"),
+    ({"beta": -0.1}, "beta must be > 0"),
+    ({"reward_model": None}, "needs model.reward_model"),
+    ({"pair_source": "logged", "state_positions": "last"}, "needs state_positions: all"),
+    ({"label_smoothing": 0.5}, "label_smoothing"),
+])
+def test_bad_settings_are_one_clear_error(setup, kw, message):
+    with pytest.raises(RecpostError, match=message):
+        _dpo(setup, **kw)
+
+
+def test_logged_pairs_need_no_reward_model(setup):
+    dpo = _dpo(setup, pair_source="logged", reward_model=None)
+    assert "reward_model" not in dpo._frozen and dpo.extra_metric_names() == ()
+
+
+def test_a_reward_model_of_another_catalog_is_rejected(setup, tmp_path):
+    other = tiny_datamodule(tmp_path / "other", n_items=45, seed=1)
+    rm = reward_model_checkpoint(other, tmp_path / "other_rm.ckpt", steps=0)
+    with pytest.raises(RecpostError, match="another item catalog"):
+        _dpo(setup, reward_model=str(rm))
+
+
+@pytest.mark.slow
+def test_recpost_fit_runs_dpo_and_logs_trl_metrics(tiny_config):
+    dm = tiny_datamodule(tiny_config.parent)  # the same CSV as the config: the same catalog
+    pre = pretrained_checkpoint(dm, tiny_config.parent / "pre.ckpt")
+    rm = reward_model_checkpoint(dm, tiny_config.parent / "rm.ckpt")
+    root = tiny_config.parent / "dpo"
+    out = recpost("fit", "--config", str(tiny_config), "--config", str(CONFIG), "--model.init_args.init_from", str(pre),
+                  "--model.init_args.reward_model", str(rm), "--trainer.max_epochs", "1",
+                  "--trainer.default_root_dir", str(root))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run, rows = last_metrics(root)
+    train = [r for r in rows if r.get("train/loss")]
+    for name in ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert all(math.isfinite(float(r[name])) for r in train), name
+    val = next(r for r in rows if r.get("val/ndcg@10"))
+    assert math.isfinite(float(val["val/rm_reward@10"]))
+    assert (run / "checkpoints" / "best.ckpt").is_file()

@@ -1,0 +1,204 @@
+"""PPO against a frozen reward model: advantages, clipping, the first ratio, KL, bad settings, a real fit."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from recpost.errors import RecpostError
+from recpost.methods import PPO
+from recpost.methods.policy import prefix_history_mask
+from recpost.methods.ppo import clipped_surrogate, group_advantages
+from tests.policy_helpers import (
+    build,
+    last_metrics,
+    pretrained_checkpoint,
+    recpost,
+    reward_model_checkpoint,
+    tiny_datamodule,
+)
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "method" / "ppo.yaml"
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    """(datamodule, pretrained checkpoint, reward-model checkpoint) on the tiny data."""
+    dm = tiny_datamodule(tmp_path)
+    return dm, pretrained_checkpoint(dm, tmp_path / "pre.ckpt"), reward_model_checkpoint(dm, tmp_path / "rm.ckpt")
+
+
+def _ppo(setup, **kw) -> PPO:
+    dm, pre, rm = setup
+    return build(PPO, dm, **{"init_from": str(pre), "reward_model": str(rm), "k": 4, **kw})
+
+
+def test_group_advantage_is_the_reward_minus_the_other_samples_mean():
+    adv = group_advantages(torch.tensor([[1.0, 2.0, 3.0]]))
+    assert adv.tolist() == [[-1.5, 0.0, 1.5]]
+    scaled = group_advantages(torch.tensor([[1.0, 2.0, 3.0]]), scale="group")  # group std is 1
+    assert scaled[0].tolist() == pytest.approx([-1.5 / (1 + 1e-4), 0.0, 1.5 / (1 + 1e-4)])
+
+
+def test_clipped_surrogate_matches_hand_computed_values():
+    logp_old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = clipped_surrogate(logp, logp_old, adv, clip_range=0.2)
+    # per sample max(-A r, -A clip(r)): max(-1.5, -1.2) = -1.2; max(-0.5, -0.8) = -0.5; max(1.1, 1.1) = 1.1
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1) / 3)
+    assert stats["policy/clipfrac"].item() == pytest.approx(1 / 3)
+    assert stats["policy/approxkl"].item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3)
+
+
+def test_first_minibatch_of_a_rollout_has_ratio_exactly_one(setup):
+    ppo = _ppo(setup, num_minibatches=2)
+    batch = setup[0]._collate_train(list(range(32)))
+    roll = ppo.rollout(batch)
+    first = ppo._minibatches(len(roll.states), shuffle=False, device=roll.states.device)[0]
+    _, stats, ratio = ppo.minibatch_loss(batch, roll, first)
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    assert stats["policy/clipfrac"].item() == 0.0 and stats["policy/approxkl"].item() == 0.0
+
+
+def test_the_policy_starts_at_the_reference(setup):
+    ppo = _ppo(setup)
+    roll = ppo.rollout(setup[0]._collate_train(list(range(32))))
+    assert roll.stats["objective/kl"].item() == 0.0
+    assert roll.stats["objective/entropy"].item() > 0
+    assert torch.isfinite(roll.advantages).all() and roll.actions.min() > 0
+
+
+def test_sampled_items_are_never_in_the_states_history(setup):
+    ppo = _ppo(setup, k=6)
+    batch = setup[0]._collate_train(list(range(64)))
+    roll = ppo.rollout(batch)
+    seen = prefix_history_mask(batch["input_items"], ppo.hparams.n_items)[roll.states]  # [N, V + 1]
+    assert not seen.gather(1, roll.actions).any()
+
+
+def test_sampled_kl_estimators_are_subtracted_from_the_rm_reward(setup):
+    torch.manual_seed(0)
+    ppo = _ppo(setup, kl_estimator="k1", kl_coef=0.5)
+    with torch.no_grad():  # move the policy away from the reference so the penalty is not zero
+        ppo.backbone.item_emb.weight.mul_(3.0)
+    batch = setup[0]._collate_train(list(range(32)))
+    roll = ppo.rollout(batch)
+    ref = ppo._frozen["reference"]
+    rows = torch.arange(32)
+    ref_logp, _ = ppo._log_probs(batch, rows, roll.states, ref)
+    rm_reward = ppo._frozen["reward_model"].rewards_at(batch["input_items"], batch["input_ratings"], roll.states)
+    expected = rm_reward.gather(1, roll.actions) - 0.5 * (roll.logp_old - ref_logp.gather(1, roll.actions))
+    assert torch.allclose(roll.returns, expected, atol=1e-5)
+    assert roll.ref_logp is None  # nothing to add to the loss
+
+
+def test_exact_kl_term_pulls_the_policy_back_to_the_reference(setup):
+    ppo = _ppo(setup, kl_coef=1.0)
+    with torch.no_grad():
+        ppo.backbone.item_emb.weight.mul_(3.0)
+    batch = setup[0]._collate_train(list(range(32)))
+    roll = ppo.rollout(batch)
+    roll.advantages.zero_()  # only the KL term remains
+    loss, _, _ = ppo.minibatch_loss(batch, roll, torch.arange(32))
+    assert loss.item() == pytest.approx(roll.stats["objective/kl"].item(), rel=1e-5) and loss.item() > 0
+
+
+def test_value_baseline_starts_at_the_mean_reward(setup):
+    ppo = _ppo(setup, baseline="value", k=1)
+    batch = setup[0]._collate_train(list(range(32)))
+    roll = ppo.rollout(batch)
+    assert roll.values is not None and torch.allclose(roll.values, roll.returns.mean().expand_as(roll.values))
+    loss, stats, _ = ppo.minibatch_loss(batch, roll, torch.arange(32))
+    assert torch.isfinite(loss) and "loss/value" in stats and "value/clipfrac" in stats
+
+
+def test_adaptive_kl_controller_raises_the_coefficient_above_target(setup):
+    ppo = _ppo(setup, kl_coef=0.1, target_kl=0.01, kl_horizon=100)
+    ppo._adapt_kl_coef(torch.tensor(1.0), n_states=50)  # error clipped to +0.2 -> x (1 + 0.2 * 50 / 100)
+    assert ppo.kl_coef_value.item() == pytest.approx(0.11)
+    ppo._adapt_kl_coef(torch.tensor(0.0), n_states=50)  # -> x (1 - 0.2 * 0.5)
+    assert ppo.kl_coef_value.item() == pytest.approx(0.099)
+
+
+def test_updates_raise_the_expected_rm_reward(setup):
+    torch.manual_seed(0)
+    ppo = _ppo(setup, kl_coef=0.0, k=8, lr=0.05)
+    batch = setup[0]._collate_train(list(range(64)))
+    rm = ppo._frozen["reward_model"]
+
+    def expected_reward() -> float:
+        with torch.no_grad():
+            logp, _ = ppo._log_probs(batch, torch.arange(64), batch["target_items"] > 0)
+            rewards = rm.rewards_at(batch["input_items"], batch["input_ratings"], batch["target_items"] > 0)
+            return (logp.exp() * rewards.masked_fill(torch.isinf(logp), 0.0)).sum(1).mean().item()
+
+    before = expected_reward()
+    opt = torch.optim.AdamW(ppo.parameters(), lr=0.05)
+    for _ in range(5):
+        roll = ppo.rollout(batch)
+        loss, _, _ = ppo.minibatch_loss(batch, roll, torch.arange(64))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert expected_reward() > before + 0.01
+
+
+def test_reference_and_reward_model_are_frozen_unsaved_and_follow_device_moves(setup):
+    ppo = _ppo(setup)
+    assert all(not k.startswith(("reference", "reward_model", "_frozen")) for k in ppo.state_dict())
+    frozen = [p for m in ppo._frozen.values() for p in m.parameters()]
+    assert not any(p.requires_grad for p in frozen)
+    assert not {id(p) for p in frozen} & {id(p) for p in ppo.parameters()}
+    ppo.train()
+    assert not any(m.training for m in ppo._frozen.values())
+    ppo.double()
+    assert all(p.dtype == torch.float64 for p in frozen)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"reward_model": None}, "PPO needs model.reward_model"),
+    ({"k": 1}, "k must be >= 2 with baseline: group"),
+    ({"clip_range": 0.0}, "clip_range must be > 0"),
+    ({"kl_coef": -0.1}, "kl_coef must be >= 0"),
+    ({"target_kl": 0.0}, "target_kl must be > 0"),
+])
+def test_bad_settings_are_one_clear_error(setup, kw, message):
+    with pytest.raises(RecpostError, match=message):
+        _ppo(setup, **kw)
+
+
+def test_a_reward_model_of_another_catalog_is_rejected(setup, tmp_path):
+    other = tiny_datamodule(tmp_path / "other", n_items=45, seed=1)
+    rm = reward_model_checkpoint(other, tmp_path / "other_rm.ckpt", steps=0)
+    with pytest.raises(RecpostError, match="another item catalog"):
+        _ppo(setup, reward_model=str(rm))
+
+
+def test_a_missing_reward_model_file_is_rejected(setup, tmp_path):
+    with pytest.raises(RecpostError, match="reward-model checkpoint not found"):
+        _ppo(setup, reward_model=str(tmp_path / "nope.ckpt"))
+
+
+@pytest.mark.slow
+def test_recpost_fit_runs_ppo_and_logs_trl_metrics(tiny_config):
+    dm = tiny_datamodule(tiny_config.parent)  # the same CSV as the config: the same catalog
+    pre = pretrained_checkpoint(dm, tiny_config.parent / "pre.ckpt")
+    rm = reward_model_checkpoint(dm, tiny_config.parent / "rm.ckpt")
+    eval_rm = reward_model_checkpoint(dm, tiny_config.parent / "rm2.ckpt", seed=1)
+    root = tiny_config.parent / "ppo"
+    out = recpost("fit", "--config", str(tiny_config), "--config", str(CONFIG), "--model.init_args.init_from", str(pre),
+                  "--model.init_args.reward_model", str(rm), "--model.init_args.eval_reward_model", str(eval_rm),
+                  "--model.init_args.ppo_epochs", "2", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run, rows = last_metrics(root)
+    train = [r for r in rows if r.get("train/loss")]
+    for name in ("train/loss", "objective/rm_reward", "objective/kl", "objective/entropy", "policy/clipfrac",
+                 "policy/approxkl", "loss/policy"):
+        assert all(math.isfinite(float(r[name])) for r in train), name
+    val = next(r for r in rows if r.get("val/ndcg@10"))
+    assert math.isfinite(float(val["val/rm_reward@10"])) and math.isfinite(float(val["val/eval_rm_reward@10"]))
+    assert (run / "checkpoints" / "best.ckpt").is_file()
