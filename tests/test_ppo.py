@@ -179,7 +179,7 @@ def test_a_reward_model_of_another_catalog_is_rejected(setup, tmp_path):
 
 
 def test_a_missing_reward_model_file_is_rejected(setup, tmp_path):
-    with pytest.raises(RecpostError, match="reward-model checkpoint not found"):
+    with pytest.raises(RecpostError, match="checkpoint not found.*reward model is needed"):
         _ppo(setup, reward_model=str(tmp_path / "nope.ckpt"))
 
 

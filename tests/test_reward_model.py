@@ -115,7 +115,7 @@ def test_catalog_and_candidate_predictions_agree(datamodule):
 
 
 def test_a_missing_reward_model_checkpoint_is_one_clear_error(datamodule, tmp_path):
-    with pytest.raises(RecpostError, match="reward-model checkpoint not found"):
+    with pytest.raises(RecpostError, match="checkpoint not found.*reward model is needed"):
         load_reward_model(str(tmp_path / "nope.ckpt"), datamodule.item_map_hash)
 
 

@@ -31,6 +31,20 @@ REWARD_MODEL_METRICS = {"reward_model": "rm_reward@10", "eval_reward_model": "ev
 RM_TOP_K = 10
 
 
+def read_checkpoint(path: str, what: str, how: str) -> dict:
+    """Load a checkpoint with ``weights_only=True``; one-line ``RecpostError`` if missing or unreadable.
+
+    ``what`` names the config key (e.g. ``model.init_from``), ``how`` says how to get a good one.
+    """
+    ckpt_path = Path(path).expanduser()
+    if not ckpt_path.is_file():
+        raise RecpostError(f"{what}: checkpoint not found: {ckpt_path}; {how}")
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a recpost checkpoint"
+        raise RecpostError(f"{what}: cannot load {ckpt_path} as a checkpoint ({exc})") from None
+
+
 class RecModule(L.LightningModule):
     """Shared base of every method.
 
@@ -90,12 +104,7 @@ class RecModule(L.LightningModule):
     def load_weights(self, path: str) -> None:
         """Copy the backbone weights of a recpost checkpoint (any method) into this module."""
         ckpt_path = Path(path).expanduser()
-        if not ckpt_path.is_file():
-            raise RecpostError(f"model.init_from: checkpoint not found: {ckpt_path}; pass the best.ckpt of a `recpost fit` run")
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a recpost checkpoint"
-            raise RecpostError(f"model.init_from: cannot load {ckpt_path} as a checkpoint ({exc})") from None
+        ckpt = read_checkpoint(path, "model.init_from", "pass the best.ckpt of a `recpost fit` run")
         self._check_catalog(ckpt.get("hyper_parameters", {}), ckpt_path)
         prefix = "backbone."
         state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}

@@ -36,7 +36,7 @@ from torch import nn
 
 from recpost.errors import RecpostError
 from recpost.evaluation import RankingMetrics, mask_items
-from recpost.methods.base import RecModule
+from recpost.methods.base import RecModule, read_checkpoint
 from recpost.methods.policy import freeze
 from recpost.models import BackboneConfig
 
@@ -239,14 +239,9 @@ def load_reward_model(path: str, item_map_hash: str, what: str = "model.reward_m
     One-line ``RecpostError`` when the file is missing, is not a reward-model checkpoint, or was trained
     on another item catalog than ``item_map_hash``.
     """
-    how = "train one with `recpost fit --config <pretrain.yaml> --config configs/method/reward_model.yaml` and pass its best.ckpt"
+    how = "a reward model is needed: train one with `recpost fit --config <pretrain.yaml> --config configs/method/reward_model.yaml` and pass its best.ckpt"
     ckpt_path = Path(path).expanduser()
-    if not ckpt_path.is_file():
-        raise RecpostError(f"{what}: reward-model checkpoint not found: {ckpt_path}; {how}")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a recpost checkpoint"
-        raise RecpostError(f"{what}: cannot load {ckpt_path} as a checkpoint ({exc})") from None
+    ckpt = read_checkpoint(path, what, how)
     hp, state = ckpt.get("hyper_parameters", {}), ckpt.get("state_dict", {})
     if not any(k.startswith("head.") for k in state) or "prior_count" not in hp:
         raise RecpostError(f"{what}: {ckpt_path} is not a reward-model checkpoint (no rating head); {how}")
