@@ -201,6 +201,10 @@ def write_results(rows: list[dict], out: Path, monitor: str) -> None:
         seeds = f"{len(ok)}/{len(rs)}"
         lines.append(f"| {method} | {setting if setting != '{}' else '-'}{mark} | {seeds} | {' | '.join(cells)} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    from recpost.figures import metric_vs_lambda
+
+    for metric in ("test/ndcg@10", "test/ndcg@10_liked", "test/true_reward@10"):
+        metric_vs_lambda(rows, metric, out / "figures" / f"{metric.split('/')[1].replace('@', '_at_')}_vs_lambda.png")
 
 
 def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seeds: int | None = None) -> Path:

@@ -47,6 +47,7 @@ def test_experiment_runs_every_stage_writes_tables_and_resumes(tmp_path, tiny_co
     assert chosen["val/ndcg@10"] == max(r["val/ndcg@10"] for r in rows if r["method"] == "exp_sft")
     assert "| exp_sft |" in (out / "results.md").read_text()
     assert (out / "results.csv").read_text().startswith("method,setting,seed,status,chosen")
+    assert (out / "figures" / "ndcg_at_10_vs_lambda.png").is_file()
     # a second call reuses every finished stage
     before = {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
     experiment(str(cfg), output_dir=str(tmp_path / "out"))
@@ -92,3 +93,15 @@ def test_cli_reads_the_experiment_config_from_dash_dash_config(tmp_path):
     out = recpost("experiment", "--config", str(cfg))
     assert out.returncode == 2
     assert "needs pretrain_config" in out.stderr and str(cfg) in out.stderr
+
+
+def test_lambda_figure_is_written_from_result_rows(tmp_path):
+    from recpost.figures import metric_vs_lambda
+
+    rows = [{"method": "base", "setting": {}, "status": "ok", "test/ndcg@10": 0.1},
+            {"method": "sft", "setting": {}, "status": "ok", "test/ndcg@10": 0.11}]
+    rows += [{"method": "exp_sft", "setting": {"lam": lam}, "status": "ok", "seed": s, "chosen": lam == 1.0,
+              "test/ndcg@10": 0.1 + 0.01 * lam + 0.001 * s} for lam in (0.5, 1.0, 2.0) for s in range(2)]
+    path = metric_vs_lambda(rows, "test/ndcg@10", tmp_path / "fig.png")
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert metric_vs_lambda(rows[:2], "test/ndcg@10", tmp_path / "none.png") is None
