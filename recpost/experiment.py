@@ -58,6 +58,7 @@ class Study:
     pretrain_overrides: list[str] = field(default_factory=list)
     posttrain_overrides: list[str] = field(default_factory=list)
     monitor: str = "val/ndcg@10"
+    monitor_mode: str = "max"
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -73,7 +74,7 @@ def load_study(path: str) -> Study:
     raw = yaml.safe_load(cfg_path.read_text()) or {}
     base = cfg_path.parent
     known = {"name", "pretrain_config", "methods", "seeds", "posttrain_epochs", "pretrain_overrides",
-             "posttrain_overrides", "monitor"}
+             "posttrain_overrides", "monitor", "monitor_mode"}
     unknown = set(raw) - known
     if unknown:
         raise RecpostError(f"{cfg_path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
@@ -91,7 +92,14 @@ def load_study(path: str) -> Study:
         seeds=int(raw.get("seeds", 1)), posttrain_epochs=int(raw.get("posttrain_epochs", 10)),
         pretrain_overrides=list(raw.get("pretrain_overrides", [])),
         posttrain_overrides=list(raw.get("posttrain_overrides", [])), monitor=raw.get("monitor", "val/ndcg@10"),
+        monitor_mode=_mode(raw.get("monitor_mode", "max"), cfg_path),
     )
+
+
+def _mode(mode: str, where: Path) -> str:
+    if mode not in ("max", "min"):
+        raise RecpostError(f"{where}: monitor_mode must be max or min (got {mode!r})")
+    return mode
 
 
 def _recpost(args: list[str], log: Path) -> int:
@@ -107,13 +115,13 @@ def _last_run(root: Path) -> Path:
     return runs[-1]
 
 
-def _best_val(metrics_csv: Path, monitor: str) -> dict[str, float]:
-    """All ``val/`` metrics of the epoch with the best monitored value."""
+def _best_val(metrics_csv: Path, monitor: str, mode: str = "max") -> dict[str, float]:
+    """All ``val/`` metrics of the epoch with the best monitored value (highest, or lowest for ``min``)."""
     with metrics_csv.open() as fh:
         rows = [r for r in csv.DictReader(fh) if r.get(monitor)]
     if not rows:
         raise RecpostError(f"{metrics_csv} has no {monitor}")
-    best = max(rows, key=lambda r: float(r[monitor]))
+    best = (max if mode == "max" else min)(rows, key=lambda r: float(r[monitor]))
     return {k: float(v) for k, v in best.items() if k.startswith("val/") and v != ""}
 
 
@@ -126,7 +134,7 @@ def _stage_key(fit_args: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_stage(stage_dir: Path, fit_args: list[str], monitor: str) -> dict:
+def run_stage(stage_dir: Path, fit_args: list[str], monitor: str, mode: str = "max") -> dict:
     """fit + test in ``stage_dir``; reuse a finished stage with the same command."""
     key = _stage_key(fit_args)
     marker = stage_dir / "stage.json"
@@ -152,7 +160,7 @@ def run_stage(stage_dir: Path, fit_args: list[str], monitor: str) -> dict:
             result.update(status="failed", error=f"test exited {code}; see {stage_dir / 'test.log'}")
         else:
             test = json.loads((_last_run(test_root) / "test_metrics.json").read_text())
-            result.update(status="ok", checkpoint=str(ckpt), metrics={**_best_val(run / "metrics.csv", monitor), **test})
+            result.update(status="ok", checkpoint=str(ckpt), metrics={**_best_val(run / "metrics.csv", monitor, mode), **test})
     result["seconds"] = round(time.time() - started, 1)
     marker.write_text(json.dumps(result, indent=2))
     return result
@@ -167,7 +175,7 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def write_results(rows: list[dict], out: Path, monitor: str) -> None:
+def write_results(rows: list[dict], out: Path, monitor: str, mode: str = "max") -> None:
     """results.json / results.csv (one row per method, setting, seed) and results.md (mean ± std)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -178,7 +186,7 @@ def write_results(rows: list[dict], out: Path, monitor: str) -> None:
         vals = [r[monitor] for r in rs if r["status"] == "ok" and monitor in r]
         if vals:
             score = statistics.mean(vals)
-            if method not in best or score > best[method][0]:
+            if method not in best or (score > best[method][0] if mode == "max" else score < best[method][0]):
                 best[method] = (score, setting)
     for r in rows:
         r["chosen"] = best.get(r["method"], (None, None))[1] == json.dumps(r["setting"], sort_keys=True)
@@ -227,10 +235,11 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
     owner.write_text(json.dumps({"name": study.name, "config": str(study.pretrain_config)}, indent=2))
     rows: list[dict] = []
     base_args = ["--config", str(study.pretrain_config)]
-    selection = [] if study.monitor == "val/ndcg@10" else [f"--checkpoint.monitor={study.monitor}", "--checkpoint.mode=max"]
+    default = study.monitor == "val/ndcg@10" and study.monitor_mode == "max"
+    selection = [] if default else [f"--checkpoint.monitor={study.monitor}", f"--checkpoint.mode={study.monitor_mode}"]
     for seed in range(n_seeds):
         seed_args = [*base_args, "--seed_everything", str(seed)]
-        pre = run_stage(out / f"seed{seed}" / "base", [*seed_args, *selection, *study.pretrain_overrides], study.monitor)
+        pre = run_stage(out / f"seed{seed}" / "base", [*seed_args, *selection, *study.pretrain_overrides], study.monitor, study.monitor_mode)
         rows.append({"method": "base", "setting": {}, "seed": seed, "status": pre["status"], **pre.get("metrics", {})})
         _say(f"seed {seed} base: {pre['status']} {_summary(pre, study.monitor)}")
         if pre["status"] != "ok":
@@ -241,12 +250,12 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
                 args = [*seed_args, "--config", str(method.config), "--model.init_args.init_from", pre["checkpoint"],
                         "--trainer.max_epochs", str(study.posttrain_epochs), *selection, *study.posttrain_overrides,
                         *[f"--model.init_args.{k}={v}" for k, v in setting.items()]]
-                res = run_stage(out / f"seed{seed}" / method.name / tag, args, study.monitor)
+                res = run_stage(out / f"seed{seed}" / method.name / tag, args, study.monitor, study.monitor_mode)
                 rows.append({"method": method.name, "setting": setting, "seed": seed, "status": res["status"],
                              **res.get("metrics", {})})
                 _say(f"seed {seed} {method.name} {tag}: {res['status']} {_summary(res, study.monitor)}")
-                write_results(rows, out, study.monitor)
-    write_results(rows, out, study.monitor)
+                write_results(rows, out, study.monitor, study.monitor_mode)
+    write_results(rows, out, study.monitor, study.monitor_mode)
     _say(f"results: {out / 'results.md'}")
     return out
 

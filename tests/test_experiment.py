@@ -105,3 +105,21 @@ def test_lambda_figure_is_written_from_result_rows(tmp_path):
     path = metric_vs_lambda(rows, "test/ndcg@10", tmp_path / "fig.png")
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metric_vs_lambda(rows[:2], "test/ndcg@10", tmp_path / "none.png") is None
+
+
+def test_best_validation_epoch_follows_the_monitor_mode(tmp_path):
+    from recpost.experiment import _best_val
+
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("epoch,val/rmse,val/mae\n0,1.2,0.9\n1,1.0,0.8\n2,1.1,0.85\n")
+    assert _best_val(csv, "val/rmse", "min") == {"val/rmse": 1.0, "val/mae": 0.8}
+    assert _best_val(csv, "val/rmse", "max") == {"val/rmse": 1.2, "val/mae": 0.9}
+
+
+def test_choice_on_validation_follows_the_monitor_mode(tmp_path):
+    from recpost.experiment import write_results
+
+    rows = [{"method": "m", "setting": {"lam": lam}, "seed": 0, "status": "ok", "val/rmse": v}
+            for lam, v in ((1.0, 0.9), (2.0, 1.1))]
+    write_results(rows, tmp_path, "val/rmse", "min")
+    assert [r["chosen"] for r in json.loads((tmp_path / "results.json").read_text())] == [True, False]
