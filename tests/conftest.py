@@ -84,3 +84,12 @@ trainer:
   default_root_dir: {tmp_path / "runs"}
 """)
     return cfg
+
+
+@pytest.fixture
+def rlhf_setup(tmp_path: Path):
+    """(datamodule, pretrained checkpoint, reward-model checkpoint) on tiny data, for PPO/DPO tests."""
+    from tests.policy_helpers import pretrained_checkpoint, reward_model_checkpoint, tiny_datamodule
+
+    dm = tiny_datamodule(tmp_path)
+    return dm, pretrained_checkpoint(dm, tmp_path / "pre.ckpt"), reward_model_checkpoint(dm, tmp_path / "rm.ckpt")

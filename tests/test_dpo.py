@@ -26,14 +26,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "method" / "dpo.yaml"
 LOGPS = [torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5)]
 
 
-@pytest.fixture
-def setup(tmp_path: Path):
-    dm = tiny_datamodule(tmp_path)
-    return dm, pretrained_checkpoint(dm, tmp_path / "pre.ckpt"), reward_model_checkpoint(dm, tmp_path / "rm.ckpt")
-
-
-def _dpo(setup, **kw) -> DPO:
-    dm, pre, rm = setup
+def _dpo(rlhf_setup, **kw) -> DPO:
+    dm, pre, rm = rlhf_setup
     return build(DPO, dm, **{"init_from": str(pre), "reward_model": str(rm), **kw})
 
 
@@ -54,9 +48,9 @@ def test_ipo_loss_matches_hand_computed_values():
 
 
 @pytest.mark.parametrize("pair_source", ["reward_model", "logged"])
-def test_policy_equal_to_reference_gives_log_2_and_zero_margins(setup, pair_source):
-    dpo = _dpo(setup, pair_source=pair_source)
-    loss, logs = dpo.training_loss(setup[0]._collate_train(list(range(32))))
+def test_policy_equal_to_reference_gives_log_2_and_zero_margins(rlhf_setup, pair_source):
+    dpo = _dpo(rlhf_setup, pair_source=pair_source)
+    loss, logs = dpo.training_loss(rlhf_setup[0]._collate_train(list(range(32))))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert logs["rewards/margins"].item() == 0.0 and logs["rewards/chosen"].item() == 0.0
     assert 0 < logs["pairs/kept"].item() <= 1
@@ -86,19 +80,19 @@ def test_logged_pairs_never_use_an_item_of_the_states_history():
     assert valid[0, 0] and {chosen[0, 0].item(), rejected[0, 0].item()} == {1, 3}
 
 
-def test_reward_model_pairs_are_ranked_by_the_reward_model(setup):
-    dpo = _dpo(setup)
-    batch = setup[0]._collate_train(list(range(32)))
+def test_reward_model_pairs_are_ranked_by_the_reward_model(rlhf_setup):
+    dpo = _dpo(rlhf_setup)
+    batch = rlhf_setup[0]._collate_train(list(range(32)))
     states, chosen, rejected = dpo._pairs(batch)
     rewards = dpo._frozen["reward_model"].rewards_at(batch["input_items"], batch["input_ratings"], states)
     rows = torch.arange(len(chosen))
     assert len(chosen) > 0 and (rewards[rows, chosen] > rewards[rows, rejected]).all()
 
 
-def test_a_few_updates_separate_chosen_from_rejected(setup):
-    dpo = _dpo(setup, beta=0.5, pair_source="logged")
+def test_a_few_updates_separate_chosen_from_rejected(rlhf_setup):
+    dpo = _dpo(rlhf_setup, beta=0.5, pair_source="logged")
     opt = torch.optim.AdamW(dpo.parameters(), lr=0.02)
-    batch = setup[0]._collate_train(list(range(64)))
+    batch = rlhf_setup[0]._collate_train(list(range(64)))
     for _ in range(5):
         loss, logs = dpo.training_loss(batch)
         opt.zero_grad()
@@ -115,21 +109,21 @@ def test_a_few_updates_separate_chosen_from_rejected(setup):
     ({"pair_source": "logged", "state_positions": "last"}, "needs state_positions: all"),
     ({"label_smoothing": 0.5}, "label_smoothing"),
 ])
-def test_bad_settings_are_one_clear_error(setup, kw, message):
+def test_bad_settings_are_one_clear_error(rlhf_setup, kw, message):
     with pytest.raises(RecpostError, match=message):
-        _dpo(setup, **kw)
+        _dpo(rlhf_setup, **kw)
 
 
-def test_logged_pairs_need_no_reward_model(setup):
-    dpo = _dpo(setup, pair_source="logged", reward_model=None)
+def test_logged_pairs_need_no_reward_model(rlhf_setup):
+    dpo = _dpo(rlhf_setup, pair_source="logged", reward_model=None)
     assert "reward_model" not in dpo._frozen and dpo.extra_metric_names() == ()
 
 
-def test_a_reward_model_of_another_catalog_is_rejected(setup, tmp_path):
+def test_a_reward_model_of_another_catalog_is_rejected(rlhf_setup, tmp_path):
     other = tiny_datamodule(tmp_path / "other", n_items=45, seed=1)
     rm = reward_model_checkpoint(other, tmp_path / "other_rm.ckpt", steps=0)
     with pytest.raises(RecpostError, match="another item catalog"):
-        _dpo(setup, reward_model=str(rm))
+        _dpo(rlhf_setup, reward_model=str(rm))
 
 
 @pytest.mark.slow

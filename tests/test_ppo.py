@@ -24,15 +24,8 @@ from tests.policy_helpers import (
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "method" / "ppo.yaml"
 
 
-@pytest.fixture
-def setup(tmp_path: Path):
-    """(datamodule, pretrained checkpoint, reward-model checkpoint) on the tiny data."""
-    dm = tiny_datamodule(tmp_path)
-    return dm, pretrained_checkpoint(dm, tmp_path / "pre.ckpt"), reward_model_checkpoint(dm, tmp_path / "rm.ckpt")
-
-
-def _ppo(setup, **kw) -> PPO:
-    dm, pre, rm = setup
+def _ppo(rlhf_setup, **kw) -> PPO:
+    dm, pre, rm = rlhf_setup
     return build(PPO, dm, **{"init_from": str(pre), "reward_model": str(rm), "k": 4, **kw})
 
 
@@ -54,9 +47,9 @@ def test_clipped_surrogate_matches_hand_computed_values():
     assert stats["policy/approxkl"].item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3)
 
 
-def test_first_minibatch_of_a_rollout_has_ratio_exactly_one(setup):
-    ppo = _ppo(setup, num_minibatches=2)
-    batch = setup[0]._collate_train(list(range(32)))
+def test_first_minibatch_of_a_rollout_has_ratio_exactly_one(rlhf_setup):
+    ppo = _ppo(rlhf_setup, num_minibatches=2)
+    batch = rlhf_setup[0]._collate_train(list(range(32)))
     roll = ppo.rollout(batch)
     first = ppo._minibatches(len(roll.states), shuffle=False, device=roll.states.device)[0]
     _, stats, ratio = ppo.minibatch_loss(batch, roll, first)
@@ -64,28 +57,28 @@ def test_first_minibatch_of_a_rollout_has_ratio_exactly_one(setup):
     assert stats["policy/clipfrac"].item() == 0.0 and stats["policy/approxkl"].item() == 0.0
 
 
-def test_the_policy_starts_at_the_reference(setup):
-    ppo = _ppo(setup)
-    roll = ppo.rollout(setup[0]._collate_train(list(range(32))))
+def test_the_policy_starts_at_the_reference(rlhf_setup):
+    ppo = _ppo(rlhf_setup)
+    roll = ppo.rollout(rlhf_setup[0]._collate_train(list(range(32))))
     assert roll.stats["objective/kl"].item() == 0.0
     assert roll.stats["objective/entropy"].item() > 0
     assert torch.isfinite(roll.advantages).all() and roll.actions.min() > 0
 
 
-def test_sampled_items_are_never_in_the_states_history(setup):
-    ppo = _ppo(setup, k=6)
-    batch = setup[0]._collate_train(list(range(64)))
+def test_sampled_items_are_never_in_the_states_history(rlhf_setup):
+    ppo = _ppo(rlhf_setup, k=6)
+    batch = rlhf_setup[0]._collate_train(list(range(64)))
     roll = ppo.rollout(batch)
     seen = prefix_history_mask(batch["input_items"], ppo.hparams.n_items)[roll.states]  # [N, V + 1]
     assert not seen.gather(1, roll.actions).any()
 
 
-def test_sampled_kl_estimators_are_subtracted_from_the_rm_reward(setup):
+def test_sampled_kl_estimators_are_subtracted_from_the_rm_reward(rlhf_setup):
     torch.manual_seed(0)
-    ppo = _ppo(setup, kl_estimator="k1", kl_coef=0.5)
+    ppo = _ppo(rlhf_setup, kl_estimator="k1", kl_coef=0.5)
     with torch.no_grad():  # move the policy away from the reference so the penalty is not zero
         ppo.backbone.item_emb.weight.mul_(3.0)
-    batch = setup[0]._collate_train(list(range(32)))
+    batch = rlhf_setup[0]._collate_train(list(range(32)))
     roll = ppo.rollout(batch)
     ref = ppo._frozen["reference"]
     rows = torch.arange(32)
@@ -96,38 +89,38 @@ def test_sampled_kl_estimators_are_subtracted_from_the_rm_reward(setup):
     assert roll.ref_logp is None  # nothing to add to the loss
 
 
-def test_exact_kl_term_pulls_the_policy_back_to_the_reference(setup):
-    ppo = _ppo(setup, kl_coef=1.0)
+def test_exact_kl_term_pulls_the_policy_back_to_the_reference(rlhf_setup):
+    ppo = _ppo(rlhf_setup, kl_coef=1.0)
     with torch.no_grad():
         ppo.backbone.item_emb.weight.mul_(3.0)
-    batch = setup[0]._collate_train(list(range(32)))
+    batch = rlhf_setup[0]._collate_train(list(range(32)))
     roll = ppo.rollout(batch)
     roll.advantages.zero_()  # only the KL term remains
     loss, _, _ = ppo.minibatch_loss(batch, roll, torch.arange(32))
     assert loss.item() == pytest.approx(roll.stats["objective/kl"].item(), rel=1e-5) and loss.item() > 0
 
 
-def test_value_baseline_starts_at_the_mean_reward(setup):
-    ppo = _ppo(setup, baseline="value", k=1)
-    batch = setup[0]._collate_train(list(range(32)))
+def test_value_baseline_starts_at_the_mean_reward(rlhf_setup):
+    ppo = _ppo(rlhf_setup, baseline="value", k=1)
+    batch = rlhf_setup[0]._collate_train(list(range(32)))
     roll = ppo.rollout(batch)
     assert roll.values is not None and torch.allclose(roll.values, roll.returns.mean().expand_as(roll.values))
     loss, stats, _ = ppo.minibatch_loss(batch, roll, torch.arange(32))
     assert torch.isfinite(loss) and "loss/value" in stats and "value/clipfrac" in stats
 
 
-def test_adaptive_kl_controller_raises_the_coefficient_above_target(setup):
-    ppo = _ppo(setup, kl_coef=0.1, target_kl=0.01, kl_horizon=100)
+def test_adaptive_kl_controller_raises_the_coefficient_above_target(rlhf_setup):
+    ppo = _ppo(rlhf_setup, kl_coef=0.1, target_kl=0.01, kl_horizon=100)
     ppo._adapt_kl_coef(torch.tensor(1.0), n_states=50)  # error clipped to +0.2 -> x (1 + 0.2 * 50 / 100)
     assert ppo.kl_coef_value.item() == pytest.approx(0.11)
     ppo._adapt_kl_coef(torch.tensor(0.0), n_states=50)  # -> x (1 - 0.2 * 0.5)
     assert ppo.kl_coef_value.item() == pytest.approx(0.099)
 
 
-def test_updates_raise_the_expected_rm_reward(setup):
+def test_updates_raise_the_expected_rm_reward(rlhf_setup):
     torch.manual_seed(0)
-    ppo = _ppo(setup, kl_coef=0.0, k=8, lr=0.05)
-    batch = setup[0]._collate_train(list(range(64)))
+    ppo = _ppo(rlhf_setup, kl_coef=0.0, k=8, lr=0.05)
+    batch = rlhf_setup[0]._collate_train(list(range(64)))
     rm = ppo._frozen["reward_model"]
 
     def expected_reward() -> float:
@@ -147,8 +140,8 @@ def test_updates_raise_the_expected_rm_reward(setup):
     assert expected_reward() > before + 0.01
 
 
-def test_reference_and_reward_model_are_frozen_unsaved_and_follow_device_moves(setup):
-    ppo = _ppo(setup)
+def test_reference_and_reward_model_are_frozen_unsaved_and_follow_device_moves(rlhf_setup):
+    ppo = _ppo(rlhf_setup)
     assert all(not k.startswith(("reference", "reward_model", "_frozen")) for k in ppo.state_dict())
     frozen = [p for m in ppo._frozen.values() for p in m.parameters()]
     assert not any(p.requires_grad for p in frozen)
@@ -166,21 +159,21 @@ def test_reference_and_reward_model_are_frozen_unsaved_and_follow_device_moves(s
     ({"kl_coef": -0.1}, "kl_coef must be >= 0"),
     ({"target_kl": 0.0}, "target_kl must be > 0"),
 ])
-def test_bad_settings_are_one_clear_error(setup, kw, message):
+def test_bad_settings_are_one_clear_error(rlhf_setup, kw, message):
     with pytest.raises(RecpostError, match=message):
-        _ppo(setup, **kw)
+        _ppo(rlhf_setup, **kw)
 
 
-def test_a_reward_model_of_another_catalog_is_rejected(setup, tmp_path):
+def test_a_reward_model_of_another_catalog_is_rejected(rlhf_setup, tmp_path):
     other = tiny_datamodule(tmp_path / "other", n_items=45, seed=1)
     rm = reward_model_checkpoint(other, tmp_path / "other_rm.ckpt", steps=0)
     with pytest.raises(RecpostError, match="another item catalog"):
-        _ppo(setup, reward_model=str(rm))
+        _ppo(rlhf_setup, reward_model=str(rm))
 
 
-def test_a_missing_reward_model_file_is_rejected(setup, tmp_path):
+def test_a_missing_reward_model_file_is_rejected(rlhf_setup, tmp_path):
     with pytest.raises(RecpostError, match="checkpoint not found.*reward model is needed"):
-        _ppo(setup, reward_model=str(tmp_path / "nope.ckpt"))
+        _ppo(rlhf_setup, reward_model=str(tmp_path / "nope.ckpt"))
 
 
 @pytest.mark.slow
