@@ -75,10 +75,6 @@ class Interactions:
     def n_users(self) -> int:
         return len(self.offsets) - 1
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
 
 def item_map_hash(original_item_ids: pa.Array | pa.ChunkedArray) -> str:
     """sha256 over the ordered original item ids: equal iff two catalogs map ids identically."""
