@@ -54,6 +54,24 @@ class MetricsWriter(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, "test")
+        self._write_per_user(trainer, getattr(pl_module, "test_per_user", None))
+
+    @staticmethod
+    def _write_per_user(trainer: L.Trainer, rows: dict | None) -> None:
+        """``test_per_user.csv``: one row per test user (``user_index`` and each per-user metric), for
+        paired comparisons between runs on the same users (the experiment's bootstrap intervals)."""
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank asks
+        if not trainer.is_global_zero or not rows:
+            return
+        names = list(rows)
+        columns = [rows[n].double().cpu().tolist() if n != "user_index" else rows[n].cpu().tolist() for n in names]
+        path = log_dir / "test_per_user.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w") as fh:
+            fh.write(",".join(names) + "\n")
+            for values in zip(*columns):
+                fh.write(",".join(str(v) if isinstance(v, int) else f"{v:.6g}" for v in values) + "\n")
+        os.replace(tmp, path)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -61,6 +61,15 @@ def test_test_writes_flat_test_metrics_json_and_prints_its_path(fitted):
     assert {f"test/{m}" for m in METRICS} <= set(metrics)
     assert all(isinstance(v, float) for v in metrics.values())
     assert 0.0 < metrics["test/hr@50"] <= 1.0
+    # per-user rows for paired comparisons: one per test user, averaging to the reported metrics
+    header, *rows = (path.parent / "test_per_user.csv").read_text().splitlines()
+    cols = header.split(",")
+    assert cols[:2] == ["user_index", "ndcg@10"] and len(rows) == metrics["test/n_users"] == 101
+    values = [[float(v) for v in r.split(",")] for r in rows]
+    assert sorted({int(v[0]) for v in values}) == [int(v[0]) for v in values]
+    for name in ("ndcg@10", "hr@10", "mrr"):
+        j = cols.index(name)
+        assert sum(v[j] for v in values) / len(values) == pytest.approx(metrics[f"test/{name}"], abs=1e-5)
 
 
 @pytest.mark.slow

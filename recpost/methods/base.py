@@ -265,7 +265,11 @@ class RecModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
-        self.test_per_user = self.test_metrics.per_user()
+        with self.test_metrics.sync_context():  # every rank's rows (compute() un-syncs after itself)
+            rows = self.test_metrics.per_user()
+        values = RankingMetrics.per_user_metrics(rows["rank"], self.test_metrics.ks)
+        self.test_per_user = {"user_index": rows["user_index"], **values,
+                              **{name: rows[name] for name in self.test_metrics.extra}}
         self.test_metrics.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, k: int = 10) -> dict[str, torch.Tensor]:
