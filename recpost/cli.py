@@ -27,6 +27,8 @@ from recpost.methods import RecModule
 
 DEFAULT_ROOT_DIR = "runs"
 MONITOR = "val/ndcg@10"
+# Model arguments that only change evaluation: at test time the command line wins over the checkpoint.
+EVAL_TIME_ARGS = ("eval_reward_model",)
 
 
 class MetricsWriter(L.Callback):
@@ -132,19 +134,45 @@ class RecpostCLI(LightningCLI):
             "trainer.default_root_dir": DEFAULT_ROOT_DIR,
         })
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning fills the model's arguments from ``--ckpt_path``'s hyperparameters, over the
+        command line. Evaluation-only arguments given on the command line (``eval_reward_model``: score
+        a trained policy with another reward model at test time) are put back on top."""
+        sub = self.config.get("subcommand")
+        given = {}
+        if sub and self.config[sub].get("ckpt_path"):
+            init_args = self.config[sub].get("model", {}).get("init_args") or {}
+            given = {k: init_args.get(k) for k in EVAL_TIME_ARGS if init_args.get(k) is not None}
+        super()._parse_ckpt_path()
+        for key, value in given.items():
+            self.config[sub]["model"]["init_args"][key] = value
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
-        if trainer.get("logger") in (None, True):
-            # CSV logs always (no TensorBoard dependency); W&B is added through trainer.logger.
-            trainer["logger"] = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": trainer.get("default_root_dir") or DEFAULT_ROOT_DIR},
-            }
+        logger = trainer.get("logger")
+        if logger is not False:
+            # CSV logs always (no TensorBoard dependency), first, so that trainer.log_dir (metrics.csv,
+            # checkpoints, *_metrics.json) is the CSV folder; W&B and others come through trainer.logger.
+            loggers = [] if logger in (None, True) else list(logger) if isinstance(logger, list) else [logger]
+            if not any("CSVLogger" in str(_class_path(lg)) for lg in loggers):
+                loggers.insert(0, {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": trainer.get("default_root_dir") or DEFAULT_ROOT_DIR},
+                })
+            trainer["logger"] = loggers[0] if len(loggers) == 1 else loggers
         callbacks = trainer.get("callbacks") or []
         trainer["callbacks"] = [*callbacks, {"class_path": "recpost.cli.MetricsWriter"}]
         if self.subcommand == "predict":
             trainer["callbacks"].append({"class_path": "recpost.cli.PredictionWriter"})
+
+
+def _class_path(logger) -> str:
+    """The class path of a logger given in a config (a dict / Namespace with class_path, or a string)."""
+    if isinstance(logger, str):
+        return logger
+    getter = getattr(logger, "get", None)
+    return getter("class_path", "") if getter else type(logger).__name__
 
 
 def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:

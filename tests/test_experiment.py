@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ name: tiny
 pretrain_config: {tiny_config}
 posttrain_epochs: 1
 seeds: 1
+wandb: false
 methods:
 {methods}
 """)
@@ -48,6 +50,11 @@ def test_experiment_runs_every_stage_writes_tables_and_resumes(tmp_path, tiny_co
     assert "| exp_sft |" in (out / "results.md").read_text()
     assert (out / "results.csv").read_text().startswith("method,setting,seed,status,chosen")
     assert (out / "figures" / "ndcg_at_10_vs_lambda.png").is_file()
+    assert (out / "figures" / "exp_sft_weights.png").is_file()
+    # paired bootstrap differences to SFT on the same users, from the per-user test rows
+    table = (out / "results.md").read_text()
+    assert "Δ test/ndcg@10 vs sft [95% CI]" in table and "| sft | - | 1/1 |" in table
+    assert (out / "seed0" / "exp_sft" / "lam0.5" / "test").rglob("test_per_user.csv")
     # a second call reuses every finished stage
     before = {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
     experiment(str(cfg), output_dir=str(tmp_path / "out"))
@@ -123,3 +130,79 @@ def test_choice_on_validation_follows_the_monitor_mode(tmp_path):
             for lam, v in ((1.0, 0.9), (2.0, 1.1))]
     write_results(rows, tmp_path, "val/rmse", "min")
     assert [r["chosen"] for r in json.loads((tmp_path / "results.json").read_text())] == [True, False]
+
+
+@pytest.mark.slow
+def test_rlhf_stages_use_the_reward_model_and_log_to_wandb_offline(tmp_path, tiny_config, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"""
+name: tiny-rlhf
+pretrain_config: {tiny_config}
+posttrain_epochs: 1
+reward_model:
+  config: {ROOT / 'configs/method/reward_model.yaml'}
+  epochs: 1
+  evaluator: true
+methods:
+  ppo:
+    overrides: ["--model.init_args.k=2"]
+    grid:
+      kl_coef: [0.1]
+  dpo: {{}}
+""")
+    out = experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["reward_model", "eval_reward_model", "base", "ppo", "dpo"]
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    rm = rows[0]
+    assert {"test/rmse", "test/rmse_item_mean", "test/rmse_user_mean", "test/rmse_global_mean"} <= set(rm)
+    # every policy is scored by the independent evaluator RM; PPO and DPO also by their training RM
+    assert all("test/eval_rm_reward@10" in r for r in rows[2:])
+    assert all("val/rm_reward@10" in r and "test/rm_reward@10" in r for r in rows[3:])
+    ppo_cmd = json.loads((out / "seed0" / "ppo" / "kl_coef0.1" / "stage.json").read_text())["fit_command"]
+    assert ppo_cmd[ppo_cmd.index("--model.init_args.reward_model") + 1] == json.loads(
+        (out / "seed0" / "reward_model" / "stage.json").read_text())["checkpoint"]
+    md = (out / "results.md").read_text()
+    assert "| reward_model | 1/1 |" in md and "| eval_reward_model | 1/1 |" in md
+    assert (out / "figures" / "ppo_training_curves.png").is_file()
+    assert (out / "figures" / "dpo_training_curves.png").is_file()
+    # W&B: offline runs per stage plus the results run, and one line saying why it is offline
+    assert list((out / "seed0" / "ppo" / "kl_coef0.1" / "wandb").glob("offline-run-*"))
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert (out / "seed0" / "ppo" / "kl_coef0.1" / "fit").rglob("metrics.csv")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("methods:\n  bogus: {}\n", "unknown method 'bogus'"),
+    ("data: nosuchdata\nmethods:\n  sft: {}\n", "unknown dataset 'nosuchdata'"),
+    ("methods:\n  ppo: {}\n", "add a reward_model: section"),
+    ("methods:\n  sft:\n    grid: {}\n", "grid is empty"),
+    ("methods:\n  sft:\n    lr: 1\n", "unknown keys ['lr']"),
+])
+def test_bad_experiment_configs_are_one_clear_error(tmp_path, tiny_config, body, message):
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"name: bad\npretrain_config: {tiny_config}\n{body}")
+    with pytest.raises(RecpostError, match=re.escape(message)):
+        load_study(str(cfg))
+
+
+def test_a_method_config_that_is_not_a_recpost_method_is_rejected(tmp_path, tiny_config):
+    bad = tmp_path / "m.yaml"
+    bad.write_text("model:\n  class_path: torch.nn.Linear\n")
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"name: bad\npretrain_config: {tiny_config}\nmethods:\n  mine:\n    config: {bad}\n")
+    with pytest.raises(RecpostError, match="is not a recpost method"):
+        load_study(str(cfg))
+
+
+def test_paired_bootstrap_interval_covers_a_known_difference():
+    from recpost.experiment import paired_bootstrap
+
+    ref = {u: {"ndcg@10": 0.1 * (u % 3)} for u in range(300)}
+    same = paired_bootstrap([(ref, ref)], "ndcg@10")
+    assert same == (0.0, 0.0, 0.0)
+    better = {u: {"ndcg@10": v["ndcg@10"] + (0.05 if u % 2 else 0.0)} for u, v in ref.items()}
+    mean, low, high = paired_bootstrap([(better, ref), (better, ref)], "ndcg@10")
+    assert mean == pytest.approx(0.025) and 0.0 < low < 0.025 < high < 0.05
+    assert paired_bootstrap([({}, ref)], "ndcg@10") is None
