@@ -35,7 +35,7 @@ def sequences(dm: RecDataModule) -> dict[str, list[str]]:
 
 
 def cache_entries(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    return sorted(p.name for p in cache.iterdir() if p.name != ".locks") if cache.exists() else []
 
 
 # ----------------------------------------------------------------------------------- order and ids

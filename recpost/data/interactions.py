@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from filelock import FileLock
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -196,11 +197,26 @@ def _save(ds_table: pa.Table, path: Path) -> None:
 
 
 def build_cache(source: Source, opts: PreprocessOptions, cache_dir: Path | None = None) -> Path:
-    """Make sure the cache entry exists (build it atomically if not) and return its folder."""
+    """Make sure the cache entry exists (build it atomically if not) and return its folder.
+
+    Processes that start together (every DDP rank, every node sharing the cache folder) take a file
+    lock: the first one builds the entry, the others wait and then read it. This happens when the
+    model's catalog size is linked from the data, before any process group exists, so a file lock (the
+    ``filelock`` package, as HF datasets uses) rather than a collective.
+    """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache_dir / f"{source.name}-{cache_key(source, opts)}"
     if (target / "meta.json").is_file():
         return target
+    locks = cache_dir / ".locks"  # lock files stay (removing them would race), out of the entries' way
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{target.name}.lock")):
+        if (target / "meta.json").is_file():  # another process built it while we waited
+            return target
+        return _build(source, opts, cache_dir, target)
+
+
+def _build(source: Source, opts: PreprocessOptions, cache_dir: Path, target: Path) -> Path:
     raw = source.load()
     where = getattr(source, "path", None) or source.name
     rows, item_map, user_map, stats = preprocess(raw, str(where), source.rating_range, opts)
