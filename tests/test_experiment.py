@@ -206,3 +206,21 @@ def test_paired_bootstrap_interval_covers_a_known_difference():
     mean, low, high = paired_bootstrap([(better, ref), (better, ref)], "ndcg@10")
     assert mean == pytest.approx(0.025) and 0.0 < low < 0.025 < high < 0.05
     assert paired_bootstrap([({}, ref)], "ndcg@10") is None
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_experiment_config_loads(path):
+    study = load_study(str(path))
+    assert study.methods and study.pretrain_config.is_file()
+    assert {m.name for m in study.methods} >= {"sft", "exp_sft"}
+    if any(m.needs_reward_model for m in study.methods):
+        assert study.reward_model is not None
+
+
+@pytest.mark.parametrize("name", ["ml1m", "ml20m", "amazon_books"])
+def test_published_size_pretrain_configs_parse(name):
+    from tests.test_cli import recpost
+
+    out = recpost("fit", "--config", str(ROOT / "configs" / "pretrain" / f"{name}.yaml"), "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "class_path: recpost.methods.SFT" in out.stdout
