@@ -723,8 +723,8 @@ def _summary(res: dict, monitor: str) -> str:
     m = res.get("metrics", {})
     if "error" in res:
         return res["error"]
-    parts = [f"{k}={m[k]:.4f}" for k in (monitor, "val/rmse", "test/ndcg@10", "test/rmse", "test/true_reward@10")
-             if k in m]
+    keys = dict.fromkeys((monitor, "val/rmse", "test/ndcg@10", "test/rmse", "test/true_reward@10"))  # ordered, unique
+    parts = [f"{k}={m[k]:.4f}" for k in keys if k in m]
     return " ".join(parts) + f" ({res.get('seconds', 0)} s)"
 
 
