@@ -193,6 +193,12 @@ class PPO(RecModule):
         return state_log_probs(backbone or self.backbone, batch["input_items"][rows], batch["input_ratings"][rows],
                                states[rows], self.hparams.mask_history)
 
+    def _value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``V(s)`` ``[N, d] -> [N]`` in fp32 whatever the autocast: a value in stars, which bf16 would
+        round to steps of 1/64 star near 3 (the baseline and the value loss need finer)."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
+
     @torch.no_grad()
     def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Sample k items per state, score them with the RM, and fix the advantages (see the module doc)."""
@@ -233,7 +239,7 @@ class PPO(RecModule):
             if not bool(self.value_initialized):  # start V at the mean reward, not at 0 stars
                 self.value_head.bias.fill_(returns.mean())
                 self.value_initialized.fill_(True)
-            values = self.value_head(hidden_all).squeeze(-1)  # [N]
+            values = self._value(hidden_all)  # [N]
             advantages = scale_advantages(returns - values[:, None], returns, hp.scale_rewards)
         mean_kl = kl.mean()
         stats = {
@@ -263,7 +269,7 @@ class PPO(RecModule):
             loss = loss + self.kl_coef_value * exact_kl(logp, roll.ref_logp[idx]).mean()
         if self.value_head is not None:
             v_old, target = roll.values[idx], roll.returns[idx]  # [m], [m, k]
-            v = self.value_head(hidden.float()).squeeze(-1)
+            v = self._value(hidden)  # [m]
             v_clipped = v_old + (v - v_old).clamp(-hp.cliprange_value, hp.cliprange_value)
             unclipped, clipped = (v[:, None] - target) ** 2, (v_clipped[:, None] - target) ** 2
             value_loss = 0.5 * torch.max(unclipped, clipped).mean()
