@@ -168,14 +168,26 @@ class RecDataModule(L.LightningDataModule):
     def _train_mean_rating(self) -> float:
         """Mean rating over training interactions (no validation or test target); computed once."""
         if self._train_mean is None:
-            d = self.data
-            starts, ends = d.offsets[:-1], d.offsets[1:] - _HELD_OUT["val"]
-            mask = np.zeros(len(d.item) + 1, dtype=np.int64)
-            np.add.at(mask, starts, 1)
-            np.add.at(mask, ends, -1)
-            in_train = np.cumsum(mask)[:-1] > 0
-            self._train_mean = float(d.rating[in_train].mean())
+            self._train_mean = float(self.data.rating[self._in_train()].mean())
         return self._train_mean
+
+    def _in_train(self) -> np.ndarray:
+        """``[n_interactions]`` bool: the interaction is in a training sequence (not a validation or test target)."""
+        d = self.data
+        starts, ends = d.offsets[:-1], d.offsets[1:] - _HELD_OUT["val"]
+        mask = np.zeros(len(d.item) + 1, dtype=np.int64)
+        np.add.at(mask, starts, 1)
+        np.add.at(mask, ends, -1)
+        return np.cumsum(mask)[:-1] > 0
+
+    def train_item_counts(self) -> np.ndarray:
+        """How often each item occurs in the training interactions ``[n_items + 1]`` (index 0, padding: 0).
+
+        Validation and test targets are not counted. The popularity sampler of a sampled softmax
+        (``model.negative_sampler: popularity``) draws negatives in proportion to these.
+        """
+        d = self.data
+        return np.bincount(d.item[self._in_train()], minlength=d.n_items + 1)
 
     # ----------------------------------------------------------------------------------- training
     def train_windows(self) -> tuple[np.ndarray, np.ndarray]:

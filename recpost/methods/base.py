@@ -1,8 +1,10 @@
 """``RecModule``: what every post-training method shares.
 
 It owns the backbone, the optimiser and schedule, starting from a checkpoint (``init_from``), the
-item-catalog check, and the whole evaluation. A method subclasses it and defines only
-``training_loss`` (and, if it needs them, its own diagnostics).
+item-catalog check, and the whole evaluation (whole-catalog scores, or ``score_chunk_size`` items at a
+time for large catalogs). A method subclasses it and defines only ``training_loss`` (and, if it needs
+them, its own diagnostics). ``NextItemModule`` adds what the next-item cross-entropy methods (SFT,
+ExpSFT) share: the full softmax over the catalog or a sampled softmax.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recpost.errors import RecpostError
-from recpost.evaluation import RankingMetrics, mask_items
-from recpost.methods.policy import freeze, top_k_reward
+from recpost.evaluation import TOP_K, CatalogRanking, RankingMetrics, ScoreColumns, mask_items, rank_in_chunks
+from recpost.methods.losses import popularity_log_q, sample_negatives, sampled_softmax_cross_entropy, sampling_log_q
+from recpost.methods.policy import freeze
 from recpost.models import BackboneConfig, build_backbone
 
 # Evaluation metrics are computed by torchmetrics objects that already synchronise across ranks in
@@ -28,7 +32,7 @@ warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
 
 # Frozen reward models a method may hold -> the per-user evaluation metric each one adds.
 REWARD_MODEL_METRICS = {"reward_model": "rm_reward@10", "eval_reward_model": "eval_rm_reward@10"}
-RM_TOP_K = 10
+RM_TOP_K = TOP_K
 
 
 def read_checkpoint(path: str, what: str, how: str) -> dict:
@@ -64,6 +68,10 @@ class RecModule(L.LightningModule):
         eval_reward_model: a RewardModel checkpoint used only for evaluation: logs
             ``eval_rm_reward@10``, its mean predicted rating of the policy's top-10 (a second, independent
             RM, e.g. another seed, shows whether a method hacks the RM it was trained against).
+        score_chunk_size: in evaluation and prediction, score the catalog this many items at a time,
+            so memory stays at ``[eval_batch_size, score_chunk_size]`` scores instead of
+            ``[eval_batch_size, n_items + 1]``; the metrics are the same. ``null``: one matmul over the
+            whole catalog. Worth it from ~10^5 items (e.g. 65536).
     """
 
     def __init__(
@@ -79,12 +87,18 @@ class RecModule(L.LightningModule):
         mask_history: bool = True,
         init_from: str | None = None,
         eval_reward_model: str | None = None,
+        score_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if n_items < 1:
             raise RecpostError("model.n_items must be >= 1; it is linked from the data module (data.n_items)")
         if lr <= 0:
             raise RecpostError(f"model.lr must be > 0 (got {lr})")
+        if score_chunk_size is not None and not score_chunk_size >= 1:
+            raise RecpostError(
+                f"model.score_chunk_size must be >= 1 items or null (got {score_chunk_size}); e.g. 65536, or null to "
+                "score the whole catalog at once"
+            )
         backbone = backbone or BackboneConfig()
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, n_items=n_items, max_len=max_len)
@@ -148,22 +162,6 @@ class RecModule(L.LightningModule):
         return self
 
     # ----------------------------------------------------------------------------------- training
-    def next_item_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Full-catalog logits at every position that has a target, in fp32.
-
-        Returns ``logits [N, n_items + 1]``, ``targets [N]`` and ``rewards [N]`` for the N target
-        positions of the batch (padding positions are skipped before the output layer).
-        """
-        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))  # [B, L, d]
-        has_target = batch["target_items"] > 0  # [B, L]
-        logits = self.backbone.score(hidden[has_target])  # [N, V + 1], fp32
-        return logits, batch["target_items"][has_target], batch["rewards"][has_target].float()
-
-    @staticmethod
-    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-target next-item cross-entropy ``[N]`` in fp32."""
-        return F.cross_entropy(logits.float(), targets, reduction="none")
-
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The method's loss and any diagnostics to log under ``train/``. Subclasses define it."""
         raise RecpostError(f"{type(self).__name__} is a base class; use a method such as recpost.methods.SFT")
@@ -211,34 +209,72 @@ class RecModule(L.LightningModule):
             self._truth = truth
             self._metrics_ready = True
 
+    def catalog_scorer(self, batch: dict[str, torch.Tensor]) -> ScoreColumns:
+        """Encode each history once; returns ``columns -> [B, K]`` fp32 scores of those catalog columns
+        (a slice, or item ids ``[K]``) for the next step, unmasked except padding (-inf)."""
+        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))[:, -1]  # [B, d]
+        return lambda columns: self.backbone.score_columns(hidden, columns)
+
     def catalog_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """fp32 scores of every item for the next step after each history ``[B, n_items + 1]``;
         items of the history masked unless ``mask_history`` is off (padding always masked)."""
-        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))[:, -1]  # [B, d]
-        scores = self.backbone.score(hidden)  # [B, V + 1], fp32
+        scores = self.catalog_scorer(batch)(slice(None))  # [B, V + 1], fp32
         if self.hparams.mask_history:
             mask_items(scores, batch["history_items"])
         return scores
+
+    def rank_catalog(self, batch: dict[str, torch.Tensor], k: int = TOP_K) -> CatalogRanking:
+        """Top-``k`` items and the target's rank (if the batch has one) from ``score_chunk_size`` items at a
+        time (the masking of ``catalog_scores``)."""
+        return rank_in_chunks(
+            self.catalog_scorer(batch), self.hparams.n_items + 1, self.hparams.score_chunk_size,
+            target=batch.get("target_item"), history=batch["history_items"] if self.hparams.mask_history else None, k=k,
+        )
 
     def extra_metric_names(self) -> tuple[str, ...]:
         """Names of the per-user values ``extra_metrics`` adds to the evaluation (averaged over users)."""
         return tuple(metric for name, metric in REWARD_MODEL_METRICS.items() if name in self._frozen)
 
-    def extra_metrics(self, batch: dict[str, torch.Tensor], scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-user values ``name -> [B]`` for ``scores [B, n_items + 1]`` (masked): here the mean predicted
-        rating of the top-10 under each reward model held (``rm_reward@10``, ``eval_rm_reward@10``)."""
+    def extra_metrics(
+        self, batch: dict[str, torch.Tensor], scores: torch.Tensor | CatalogRanking
+    ) -> dict[str, torch.Tensor]:
+        """Per-user values ``name -> [B]`` for ``scores [B, n_items + 1]`` (masked) or their ``CatalogRanking``:
+        here the mean predicted rating of the top-10 under each reward model held (``rm_reward@10``,
+        ``eval_rm_reward@10``), which scores only those 10 items."""
         out = {}
-        for name, metric in REWARD_MODEL_METRICS.items():
-            if name in self._frozen:
-                rewards = self._frozen[name].predict_rewards(batch["input_items"], batch["input_ratings"])  # [B, V + 1]
-                out[metric] = top_k_reward(rewards, scores, RM_TOP_K)
+        held = [(name, metric) for name, metric in REWARD_MODEL_METRICS.items() if name in self._frozen]
+        if held:
+            ranking = scores if isinstance(scores, CatalogRanking) else CatalogRanking.from_scores(scores, k=RM_TOP_K)
+            top = ranking.top_items[:, :RM_TOP_K]  # [B, 10]
+            for name, metric in held:
+                rewards = self._frozen[name].predict_rewards(batch["input_items"], batch["input_ratings"], top)  # [B, 10]
+                out[metric] = rewards.float().mean(dim=-1)
         return out
 
+    def _ground_truth_metrics(self, batch: dict[str, torch.Tensor], scores: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The data's ground-truth metrics (the simulator's ``true_reward@10``, ...), which need each user's
+        whole score row: without ``scores`` (chunked evaluation) they get a few users' rows at a time."""
+        if self._truth is None:
+            return {}
+        if scores is not None:
+            return self._truth.evaluate(batch, scores)
+        n_users = batch["user_index"].shape[0]
+        rows = max(1, self.hparams.score_chunk_size // (self.hparams.n_items + 1))
+        parts = []
+        for start in range(0, n_users, rows):
+            part = {key: value[start:start + rows] for key, value in batch.items()}
+            parts.append(self._truth.evaluate(part, self.catalog_scores(part)))
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
-        scores = self.catalog_scores(batch)
-        extra = self._truth.evaluate(batch, scores) if self._truth is not None else {}
-        extra.update(self.extra_metrics(batch, scores))
-        metrics.update(scores, batch["target_item"], batch["target_rating"], batch["target_liked"], batch["user_index"], extra)
+        if self.hparams.score_chunk_size is None:
+            scores = self.catalog_scores(batch)  # [B, V + 1]
+            ranking = CatalogRanking.from_scores(scores, batch["target_item"])
+        else:
+            scores, ranking = None, self.rank_catalog(batch)  # never [B, V + 1] at once
+        extra = self._ground_truth_metrics(batch, scores)
+        extra.update(self.extra_metrics(batch, ranking))
+        metrics.update(ranking, batch["target_item"], batch["target_rating"], batch["target_liked"], batch["user_index"], extra)
 
     def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict[str, float]:
         values = metrics.compute()
@@ -274,6 +310,106 @@ class RecModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, k: int = 10) -> dict[str, torch.Tensor]:
         """Top-k unseen items for each user after their whole sequence."""
-        scores = self.catalog_scores(batch)
-        top = scores.topk(k, dim=1)
-        return {"user_index": batch["user_index"], "items": top.indices, "scores": top.values}
+        if self.hparams.score_chunk_size is None:
+            top = CatalogRanking.from_scores(self.catalog_scores(batch), k=k)
+        else:
+            top = self.rank_catalog(batch, k=k)
+        return {"user_index": batch["user_index"], "items": top.top_items, "scores": top.top_scores}
+
+
+class NextItemModule(RecModule):
+    """Shared base of the methods trained by next-item cross-entropy (SFT, ExpSFT): full or sampled softmax.
+
+    Args:
+        softmax: ``full``: cross-entropy over the whole catalog (exact; logits ``[targets, n_items + 1]``
+            per step). ``sampled``: over the target and ``num_negatives`` items shared by the batch, each
+            logit corrected by ``- log q`` of its sampling probability (logQ), negatives equal to the
+            target removed (cost ``[targets, num_negatives]``: flat in the catalog size). Training only:
+            evaluation always ranks the whole catalog.
+        num_negatives: negatives per batch for ``softmax: sampled`` (drawn with replacement); from
+            ``n_items`` on, every item is a negative, which is the full softmax, computed exactly.
+        negative_sampler: ``uniform`` over the catalog, or ``popularity``: proportional to each item's
+            count in the training interactions (+1), i.e. harder negatives (the popular items a
+            behaviour-cloning model over-ranks), with the same logQ correction.
+        **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, score_chunk_size, ...).
+    """
+
+    def __init__(
+        self,
+        *args,
+        softmax: Literal["full", "sampled"] = "full",
+        num_negatives: int = 1024,
+        negative_sampler: Literal["uniform", "popularity"] = "uniform",
+        **kwargs,
+    ) -> None:
+        if softmax not in ("full", "sampled"):
+            raise RecpostError(f"model.softmax must be 'full' or 'sampled' (got {softmax!r})")
+        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+            raise RecpostError(
+                f"model.num_negatives must be an integer >= 1 (got {num_negatives!r}); e.g. 1024 negatives per batch"
+            )
+        if negative_sampler not in ("uniform", "popularity"):
+            raise RecpostError(
+                f"model.negative_sampler must be 'uniform' or 'popularity' (got {negative_sampler!r})"
+            )
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters("softmax", "num_negatives", "negative_sampler")
+        # log q [n_items + 1] of the popularity sampler: from the training data at the start of fit
+        # (or set_item_counts); not saved, so it always matches the data being trained on.
+        self.register_buffer("negative_log_q", None, persistent=False)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether training uses the sampled softmax (``num_negatives >= n_items`` is the full softmax)."""
+        return self.hparams.softmax == "sampled" and self.hparams.num_negatives < self.hparams.n_items
+
+    def set_item_counts(self, counts: np.ndarray | torch.Tensor) -> None:
+        """Training counts of each item ``[n_items + 1]`` for ``negative_sampler: popularity``."""
+        counts = torch.as_tensor(counts)
+        if counts.shape != (self.hparams.n_items + 1,):
+            raise RecpostError(
+                f"item counts have shape {tuple(counts.shape)}, expected ({self.hparams.n_items + 1},) (n_items + 1, "
+                "index 0 = padding); use RecDataModule.train_item_counts() of the same data"
+            )
+        self.negative_log_q = popularity_log_q(counts).to(self.device)
+
+    def on_fit_start(self) -> None:
+        if self.sampled and self.hparams.negative_sampler == "popularity" and self.negative_log_q is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "train_item_counts"):
+                raise RecpostError(
+                    "model.negative_sampler: popularity needs the training item counts: fit with a RecDataModule "
+                    "(trainer.fit(model, datamodule=dm)) or call model.set_item_counts(dm.train_item_counts()) first"
+                )
+            self.set_item_counts(datamodule.train_item_counts())
+
+    def next_item_cross_entropy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-target next-item cross-entropy ``[N]`` (fp32, full or sampled softmax) and ``rewards [N]``
+        at the N target positions of the batch (padding positions are skipped before the output layer)."""
+        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))  # [B, L, d]
+        has_target = batch["target_items"] > 0  # [B, L]
+        hidden, targets = hidden[has_target], batch["target_items"][has_target]  # [N, d], [N]
+        rewards = batch["rewards"][has_target].float()
+        if not self.sampled:
+            logits = self.backbone.score(hidden)  # [N, V + 1], fp32
+            return F.cross_entropy(logits.float(), targets, reduction="none"), rewards
+        log_q = self._sampler_log_q()
+        n_items = self.hparams.n_items
+        negatives, log_q_negatives = sample_negatives(self.hparams.num_negatives, n_items, log_q, device=hidden.device)
+        target_logits = self.backbone.score(hidden, targets[:, None]).squeeze(-1)  # [N], fp32
+        negative_logits = self.backbone.score_columns(hidden, negatives)  # [N, K], fp32
+        ce = sampled_softmax_cross_entropy(
+            target_logits, negative_logits, targets, negatives, sampling_log_q(targets, n_items, log_q), log_q_negatives
+        )
+        return ce, rewards
+
+    def _sampler_log_q(self) -> torch.Tensor | None:
+        """``log q [n_items + 1]`` of the negative sampler; ``None`` for uniform."""
+        if self.hparams.negative_sampler == "uniform":
+            return None
+        if self.negative_log_q is None:
+            raise RecpostError(
+                "model.negative_sampler: popularity has no item counts yet; train through trainer.fit with a "
+                "RecDataModule, or call model.set_item_counts(dm.train_item_counts())"
+            )
+        return self.negative_log_q

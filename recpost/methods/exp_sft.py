@@ -17,11 +17,11 @@ from typing import Literal
 import torch
 
 from recpost.errors import RecpostError
-from recpost.methods.base import RecModule
-from recpost.methods.losses import effective_sample_size, exp_weighted_cross_entropy
+from recpost.methods.base import NextItemModule
+from recpost.methods.losses import effective_sample_size, exp_weighted_loss
 
 
-class ExpSFT(RecModule):
+class ExpSFT(NextItemModule):
     """Cross-entropy of the logged next item weighted by ``exp(reward / lam)``.
 
     Args:
@@ -29,7 +29,9 @@ class ExpSFT(RecModule):
         weight_norm: ``batch_mean`` (weights divided by their batch mean; default, stable for any
             ``lam``) or ``none`` (the raw weights).
         max_weight: clip weights (after normalisation) at this value; ``null`` = no clip.
-        **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, ...).
+        **kwargs: the shared settings of ``NextItemModule`` (softmax: full | sampled, ...) and ``RecModule``
+            (backbone, lr, init_from, ...). With a sampled softmax the weights multiply each target's
+            sampled cross-entropy, so ``lam -> inf`` is SFT with the same sampled softmax.
     """
 
     def __init__(
@@ -48,10 +50,8 @@ class ExpSFT(RecModule):
         self.save_hyperparameters("lam", "weight_norm", "max_weight")
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, targets, rewards = self.next_item_logits(batch)  # [N, V + 1], [N], [N]
-        loss, weights, ce = exp_weighted_cross_entropy(
-            logits, targets, rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight
-        )
+        ce, rewards = self.next_item_cross_entropy(batch)  # [N], [N]
+        loss, weights = exp_weighted_loss(ce, rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight)
         with torch.no_grad():
             weighted = weights * ce
             logs = {

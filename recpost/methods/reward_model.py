@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from recpost.errors import RecpostError
-from recpost.evaluation import RankingMetrics, mask_items
+from recpost.evaluation import RankingMetrics, ScoreColumns
 from recpost.methods.base import RecModule, read_checkpoint
 from recpost.methods.policy import freeze
-from recpost.models import BackboneConfig
+from recpost.models import BackboneConfig, mask_padding_column
 
 # Training part of a user's sequence: offsets[u] : offsets[u + 1] - HELD_OUT (validation and test targets).
 HELD_OUT = 2
@@ -119,7 +119,14 @@ class RatingHead(nn.Module):
         """Predicted ratings: for ``items [..., K]`` -> ``[..., K]``, else the catalog ``[..., V + 1]``."""
         if items is not None:
             return offset.unsqueeze(-1) + self.item_bias[items] + (item_emb[items] * query.unsqueeze(-2)).sum(-1)
-        return offset.unsqueeze(-1) + self.item_bias + query @ item_emb.T
+        return self.score_columns(offset, query, item_emb, slice(None))
+
+    def score_columns(
+        self, offset: torch.Tensor, query: torch.Tensor, item_emb: torch.Tensor, columns: slice | torch.Tensor
+    ) -> torch.Tensor:
+        """Predicted ratings of the same items for every row in one matmul: ``columns`` is a slice of the
+        catalog's ``V + 1`` columns or item ids ``[K]`` -> ``[..., K]`` (padding is not masked here)."""
+        return offset.unsqueeze(-1) + self.item_bias[columns] + query @ item_emb[columns].T
 
 
 class RewardModel(RecModule):
@@ -187,14 +194,18 @@ class RewardModel(RecModule):
         return mse, {"rmse": mse.detach().sqrt()}
 
     # ----------------------------------------------------------------------------------- evaluation
-    def catalog_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The RM as a policy: predicted ratings of every item, the user's history masked."""
-        scores = self.predict_rewards(batch["input_items"], batch["input_ratings"])
-        if self.hparams.mask_history:
-            mask_items(scores, batch["history_items"])
-        else:
-            scores[:, 0] = float("-inf")
-        return scores
+    def catalog_scorer(self, batch: dict[str, torch.Tensor]) -> ScoreColumns:
+        """The RM as a policy: predicted ratings of catalog columns after each history (padding -inf);
+        evaluation masks the user's history (``catalog_scores`` or ``score_chunk_size`` chunks)."""
+        offset, query, item_emb = self._states(batch["input_items"], batch["input_ratings"])
+        offset, query = offset[:, -1], query[:, -1]  # [B], [B, d]
+
+        def score(columns: slice | torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=offset.device.type, enabled=False):
+                scores = self.head.score_columns(offset, query, item_emb, columns)  # [B, K]
+            return mask_padding_column(scores, columns)
+
+        return score
 
     def _rating_baselines(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         datamodule = self.trainer.datamodule

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from recpost.methods.base import RecModule
+from recpost.methods.base import NextItemModule
 
 
-class SFT(RecModule):
-    """Behaviour cloning: mean cross-entropy of the logged next item."""
+class SFT(NextItemModule):
+    """Behaviour cloning: mean cross-entropy of the logged next item (full or sampled softmax)."""
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, targets, _ = self.next_item_logits(batch)  # [N, V + 1], [N]
-        return self.cross_entropy(logits, targets).mean(), {}
+        ce, _ = self.next_item_cross_entropy(batch)  # [N]
+        return ce.mean(), {}

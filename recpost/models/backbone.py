@@ -58,14 +58,35 @@ class Backbone(nn.Module, ABC):
     def score(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Logits in fp32: over the whole catalog ``[..., n_items + 1]`` (padding at -inf), or for the
         given candidate ``items`` ``[..., K]`` (same leading shape as ``hidden`` minus d)."""
+        if items is None:
+            return self.score_columns(hidden, slice(None))
         hidden = hidden.float()
         weights = self.item_weights().float()
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            if items is not None:
-                return (weights[items] * hidden.unsqueeze(-2)).sum(-1)
-            logits = hidden @ weights.T
-        logits[..., 0] = float("-inf")
-        return logits
+            return (weights[items] * hidden.unsqueeze(-2)).sum(-1)
+
+    def score_columns(self, hidden: torch.Tensor, columns: slice | torch.Tensor) -> torch.Tensor:
+        """Logits in fp32 of the same items for every row, in one matmul: ``hidden [..., d]`` -> ``[..., K]``.
+
+        ``columns`` is a slice of the catalog's ``n_items + 1`` columns (``slice(None)``: all of them;
+        a chunk in chunked evaluation) or item ids ``[K]`` (negatives shared by a batch). The padding
+        column (item 0) is -inf.
+        """
+        hidden = hidden.float()
+        weights = self.item_weights().float()[columns]  # [K, d]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            logits = hidden @ weights.T  # [..., K]
+        return mask_padding_column(logits, columns)
+
+
+def mask_padding_column(scores: torch.Tensor, columns: slice | torch.Tensor) -> torch.Tensor:
+    """Set the padding item's column of ``scores [..., K]`` over catalog ``columns`` (a slice or item ids
+    ``[K]``) to -inf: in place for a slice that starts at item 0, out of place for item ids."""
+    if isinstance(columns, slice):
+        if not columns.start:
+            scores[..., 0] = float("-inf")
+        return scores
+    return scores.masked_fill(columns == 0, float("-inf"))
 
 
 def build_backbone(cfg: BackboneConfig, n_items: int, max_len: int) -> Backbone:
