@@ -1,21 +1,41 @@
 """``recpost bench``: speed figures, one ``name: value`` line each, measured in one run.
 
-Absolute times drift on shared machines, so method costs are reported as ratios of step times
-measured interleaved on the same batches (ExpSFT / SFT), next to the absolute figures.
+- ``pretrain/epoch_seconds``, ``pretrain/windows_per_second``: an SFT training epoch through Lightning's
+  Trainer (median over ``epochs``).
+- ``eval/seconds_all_users``, ``eval/users_per_second``: a full-catalog validation of every user.
+- ``step_seconds/<method>`` and ``step_time_ratio/<method>_vs_sft`` for ExpSFT, DPO and PPO: one training
+  step of each method (the module's own ``training_step``, then backward and optimiser step where
+  Lightning would do them), on the same batches, interleaved: each repetition runs every method on
+  one batch, in a rotating order. Absolute times drift on shared machines; the per-repetition ratio to
+  SFT cancels that drift, and the figure is its median. A PPO step is a whole rollout (k samples per
+  state, reward-model scores) and its ``ppo_epochs x num_minibatches`` updates; a DPO step samples two
+  reference items per state, ranks them with the reward model, and takes one update. PPO and DPO use
+  the defaults of ``configs/method/{ppo,dpo}.yaml``; their policy and reward model are randomly
+  initialised (the reward model's biases set from the data so pairs are not all ties), which costs
+  the same as trained ones.
+- ``train/samples_per_second``: next-item targets per second in those SFT steps (median).
+- ``mfu/sft``: model FLOPs utilisation of those SFT steps, relative to what this machine's plain
+  ``torch`` matmuls achieve (not a datasheet peak); see :func:`sft_step_flops` and
+  :func:`matmul_flops_per_second`.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 
 from recpost.data import MovieLens, RecDataModule
-from recpost.methods import SFT, ExpSFT
+from recpost.methods import DPO, PPO, SFT, ExpSFT, RewardModel
 from recpost.models import BackboneConfig
+
+WARMUP_REPETITIONS = 1  # the first interleaved repetition is not timed: allocators and caches warm up
 
 
 class _Timer(L.Callback):
@@ -49,30 +69,152 @@ def _datamodule(dataset: str, max_len: int, batch_size: int) -> RecDataModule:
     return RecDataModule(source, max_len=max_len, batch_size=batch_size, eval_batch_size=1024)
 
 
-def _step_seconds(module, batch, opt) -> float:
-    t = time.perf_counter()
-    loss, _ = module.training_loss(batch)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - t
+# ----------------------------------------------------------------------------------- FLOPs
+def sft_step_flops(batch: dict[str, torch.Tensor], backbone: BackboneConfig, n_items: int) -> float:
+    """Matmul FLOPs of one SASRec SFT training step (full softmax) on ``batch``, counted analytically.
+
+    Forward: ``2 * m * n * k`` per ``[m, k] @ [k, n]`` matmul; backward twice the forward (gradients
+    of both operands), so a step is 3 x forward:
+
+    - dense layers: ``(3 + 1 + 2 * ff_mult) * d^2`` weights per block (qkv, output projection, FFN),
+      applied to every one of the ``B * L`` positions (padding included: the encoder computes it);
+    - attention: ``Q K^T`` and ``A V``, ``2 * L^2 * d`` each per row and block (the full L x L, as the
+      masked kernel computes it);
+    - catalog logits: ``[N, d] @ [d, n_items + 1]`` for the N positions that have a target (only those
+      reach the output layer).
+
+    Embedding look-ups, layer norms, softmax and the optimiser are not matmuls and are not counted.
+    """
+    B, L = batch["input_items"].shape
+    d = backbone.d_model
+    n_targets = int((batch["target_items"] > 0).sum())
+    dense = 2 * B * L * (4 + 2 * backbone.ff_mult) * d * d
+    attention = 2 * 2 * B * L * L * d
+    logits = 2 * n_targets * d * (n_items + 1)
+    return 3.0 * (backbone.n_layers * (dense + attention) + logits)
+
+
+def matmul_flops_per_second(
+    batch: dict[str, torch.Tensor], backbone: BackboneConfig, n_items: int, repeats: int = 5
+) -> float:
+    """FLOPs/s of plain fp32 ``torch`` matmuls with the shapes of the SFT forward pass on ``batch``.
+
+    The same matmuls :func:`sft_step_flops` counts (per block: qkv, attention scores and values,
+    projection, FFN; then the catalog logits), on random tensors, timed together; median of
+    ``repeats`` after one warm-up. The backward pass runs matmuls of the same sizes, so this is the
+    rate a step made only of its matmuls would reach on this machine with the threads torch uses.
+    """
+    B, L = batch["input_items"].shape
+    d, h, ff = backbone.d_model, backbone.n_heads, backbone.ff_mult * backbone.d_model
+    n_targets = int((batch["target_items"] > 0).sum())
+    x, hidden = torch.randn(B * L, d), torch.randn(B * L, ff)  # [B*L, d], [B*L, ff*d]
+    q, k = torch.randn(B * h, L, d // h), torch.randn(B * h, d // h, L)  # per head
+    att = torch.randn(B * h, L, L)
+    per_block = [
+        (x, torch.randn(d, 3 * d)), (q, k), (att, q), (x, torch.randn(d, d)), (x, torch.randn(d, ff)),
+        (hidden, torch.randn(ff, d)),
+    ]
+    pairs = per_block * backbone.n_layers + [(torch.randn(n_targets, d), torch.randn(d, n_items + 1))]
+    flops = sum(2.0 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1] for a, b in pairs)
+    seconds = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        for a, b in pairs:
+            torch.matmul(a, b)
+        seconds.append(time.perf_counter() - t)
+    return flops / statistics.median(seconds[1:])
+
+
+# ----------------------------------------------------------------------------------- interleaved steps
+class _Step:
+    """One method set up for timed training steps with Fabric (no Trainer), running the method's own
+    ``training_step``; for automatic-optimisation methods also the backward and optimiser step that
+    Lightning's loop would add. Fabric has no LR schedulers: all methods train at a constant rate."""
+
+    def __init__(self, module: L.LightningModule, lr: float = 1e-3) -> None:
+        module.lr_schedulers = lambda: None  # what PPO's manual loop asks for; None = constant rate
+        self.fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+        opt = torch.optim.AdamW(module.parameters(), lr=lr)
+        self.module, self.opt = self.fabric.setup(module, opt)
+        self.automatic = module.automatic_optimization
+        self.module.train()
+
+    def __call__(self, batch: dict[str, torch.Tensor], batch_idx: int) -> float:
+        """Seconds of one full training step on ``batch``."""
+        t = time.perf_counter()
+        loss = self.module.training_step(batch, batch_idx)
+        if self.automatic:
+            self.opt.zero_grad(set_to_none=True)
+            self.fabric.backward(loss)
+            self.opt.step()
+        return time.perf_counter() - t
+
+
+def _method_steps(dm: RecDataModule, common: dict, workdir: Path) -> dict[str, _Step]:
+    """SFT, ExpSFT, DPO and PPO modules from the same initial weights (config defaults for each)."""
+    torch.manual_seed(0)
+    rm = RewardModel(**common)
+    d = dm.data
+    rm.init_biases_from(d.item, d.rating, d.offsets)
+    rm_path = workdir / "reward_model.ckpt"
+    torch.save({"state_dict": rm.state_dict(), "hyper_parameters": dict(rm.hparams)}, rm_path)
+    torch.manual_seed(0)
+    sft = SFT(**common)
+    pre_path = workdir / "policy.ckpt"
+    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}, pre_path)
+    post = dict(common, init_from=str(pre_path))
+    return {
+        "sft": _Step(sft),
+        "exp_sft": _Step(ExpSFT(**post, lam=1.0)),
+        "dpo": _Step(DPO(**post, reward_model=str(rm_path))),
+        "ppo": _Step(PPO(**post, reward_model=str(rm_path))),
+    }
+
+
+def _batches(dm: RecDataModule) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches forever (a new shuffled epoch whenever one ends)."""
+    while True:
+        yield from dm.train_dataloader()
+
+
+def interleaved_step_seconds(
+    steps: dict[str, _Step], batches: Iterator[dict[str, torch.Tensor]], repetitions: int
+) -> tuple[dict[str, list[float]], list[dict[str, torch.Tensor]]]:
+    """Seconds per step of every method, ``repetitions`` times, each repetition on one batch with the
+    methods in a rotating order (no method always runs first, after another, or on a cold cache).
+
+    Returns ``({method: [seconds per repetition]}, [the batches timed])``.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    timed_batches = []
+    for i in range(repetitions + WARMUP_REPETITIONS):
+        batch = next(batches)
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = steps[name](batch, i)
+            if i >= WARMUP_REPETITIONS:
+                times[name].append(seconds)
+        if i >= WARMUP_REPETITIONS:
+            timed_batches.append(batch)
+    return times, timed_batches
 
 
 def bench(
     dataset: Literal["ml100k", "sim"] = "ml100k",
-    epochs: int = 3,
-    steps: int = 20,
+    epochs: int = 2,
+    steps: int = 8,
     max_len: int = 200,
     batch_size: int = 128,
     d_model: int = 64,
     n_layers: int = 2,
 ) -> dict[str, float]:
-    """Measure and print pretraining epoch time, evaluation throughput and method step-time ratios.
+    """Measure and print pretraining epoch time, evaluation throughput, method step-time ratios and MFU.
 
     Args:
         dataset: ``ml100k`` (needs MovieLens-100K under $RECPOST_DATA_DIR) or ``sim`` (simulator).
         epochs: training epochs to time (each followed by a full validation).
-        steps: interleaved training steps per method for the step-time ratios.
+        steps: timed interleaved repetitions (one training step of every method each) for the ratios.
         max_len: history length.
         batch_size: training windows per batch.
         d_model: SASRec width.
@@ -95,27 +237,23 @@ def bench(
     figures["eval/seconds_all_users"] = statistics.median(timer.val)
     figures["eval/users_per_second"] = dm.data.n_users / figures["eval/seconds_all_users"]
 
-    # Interleaved steps on the same batches: the ratio cancels machine load that drifts over time.
-    modules = {"sft": SFT(**common), "exp_sft": ExpSFT(**common, lam=1.0)}
-    for m in modules.values():
-        m.train()
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in modules.items()}
-    loader = iter(dm.train_dataloader())
-    times: dict[str, list[float]] = {k: [] for k in modules}
-    for i in range(steps + 2):
-        try:
-            batch = next(loader)
-        except StopIteration:
-            loader = iter(dm.train_dataloader())
-            batch = next(loader)
-        for name in (list(modules) if i % 2 == 0 else list(reversed(modules))):
-            t = _step_seconds(modules[name], batch, opts[name])
-            if i >= 2:  # first steps warm up allocators
-                times[name].append(t)
-    figures["step_seconds/sft"] = statistics.median(times["sft"])
-    figures["step_seconds/exp_sft"] = statistics.median(times["exp_sft"])
-    ratios = [e / s for e, s in zip(times["exp_sft"], times["sft"])]
-    figures["step_time_ratio/exp_sft_vs_sft"] = statistics.median(ratios)
+    with tempfile.TemporaryDirectory(prefix="recpost-bench-") as workdir:
+        methods = _method_steps(dm, common, Path(workdir))
+        times, batches = interleaved_step_seconds(methods, _batches(dm), steps)
+    for name, seconds in times.items():
+        figures[f"step_seconds/{name}"] = statistics.median(seconds)
+    for name in ("exp_sft", "dpo", "ppo"):
+        figures[f"step_time_ratio/{name}_vs_sft"] = statistics.median(
+            t / s for t, s in zip(times[name], times["sft"])
+        )
+
+    n_targets = [int((b["target_items"] > 0).sum()) for b in batches]
+    figures["train/samples_per_second"] = statistics.median(n / s for n, s in zip(n_targets, times["sft"]))
+    achieved = statistics.median(sft_step_flops(b, backbone, dm.n_items) / s for b, s in zip(batches, times["sft"]))
+    peak = matmul_flops_per_second(batches[0], backbone, dm.n_items)
+    figures["mfu/sft_model_gflops_per_second"] = achieved / 1e9
+    figures["mfu/matmul_gflops_per_second"] = peak / 1e9
+    figures["mfu/sft"] = achieved / peak
     for name, value in figures.items():
         print(f"{name}: {value:.4g}")
     return figures

@@ -97,7 +97,8 @@ def run_chain(stage: str, folder: Path) -> None:
 
     for method in EXPECTED:
         if stage == "fit":
-            run_lightning_cli(["fit", *method_args(folder, method), *DDP, "--trainer.default_root_dir", str(folder / method)])
+            run_lightning_cli(["fit", *method_args(folder, method), *DDP,
+                               "--trainer.default_root_dir", str(folder / method)])
         else:
             run_lightning_cli(["validate", *validate_args(folder, method), "--trainer.devices", "1",
                                "--trainer.default_root_dir", str(one_process_root(folder, method))])
