@@ -88,6 +88,10 @@ def training_curves(rows: list[dict], method: str, path: Path, reward: str = "va
                 steps, values = zip(*c[metric])
                 ax.plot(steps, values, marker=".", color=colour, alpha=1.0 if first else 0.3,
                         label=label if first and ax is axes[0] else None)
+    base, _ = _mean_std([r[held_out] for r in rows if r.get("method") == "base" and held_out in r])
+    if not math.isnan(base):  # where every run starts from (the pretrained model's validation value)
+        axes[1].axhline(base, linestyle=":", color="grey", label="base (pretrained)")
+        axes[1].legend(fontsize=8)
     for ax, metric in zip(axes, (reward, held_out)):
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(metric)
