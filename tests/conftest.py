@@ -49,12 +49,7 @@ def write_tiny_interactions(path: Path, n_users: int = 101, n_items: int = 40, s
     return path
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path) -> Path:
-    """A complete `recpost fit` config on a tiny CSV: 101 users (uneven over 2 ranks), 40 items."""
-    csv = write_tiny_interactions(tmp_path / "tiny.csv")
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"""
+TINY_CONFIG = """
 seed_everything: 0
 data:
   source:
@@ -77,13 +72,26 @@ model:
 trainer:
   accelerator: cpu
   devices: 1
-  max_epochs: 2
+  max_epochs: {max_epochs}
   enable_progress_bar: false
   enable_model_summary: false
   log_every_n_steps: 1
-  default_root_dir: {tmp_path / "runs"}
-""")
+  default_root_dir: {root}
+"""
+
+
+def write_tiny_config(folder: Path, max_epochs: int = 2) -> Path:
+    """A complete `recpost fit` config on a tiny CSV: 101 users (uneven over 2 ranks), 40 items."""
+    csv = write_tiny_interactions(folder / "tiny.csv")
+    cfg = folder / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG.format(csv=csv, max_epochs=max_epochs, root=folder / "runs"))
     return cfg
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    """`write_tiny_config` in the test's temporary folder (runs go to ``<tmp_path>/runs``)."""
+    return write_tiny_config(tmp_path)
 
 
 @pytest.fixture

@@ -33,34 +33,6 @@ EXPECTED = {
     "ppo": ("val/rm_reward@10",),
     "dpo": ("val/rm_reward@10",),
 }
-TINY_CONFIG = """
-seed_everything: 0
-data:
-  source:
-    class_path: recpost.data.Table
-    init_args:
-      path: {csv}
-      name: tiny
-  max_len: 8
-  batch_size: 32
-  eval_batch_size: 16
-model:
-  class_path: recpost.methods.SFT
-  init_args:
-    backbone:
-      d_model: 16
-      n_layers: 1
-      n_heads: 2
-      dropout: 0.1
-    lr: 0.01
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_epochs: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  log_every_n_steps: 1
-"""
 
 
 def best_checkpoint(folder: Path, method: str) -> Path:
@@ -107,10 +79,10 @@ def run_chain(stage: str, folder: Path) -> None:
 @pytest.fixture(scope="module")
 def ddp_chain(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The folder where every method was fitted under DDP and validated in one process, and the fits' output."""
-    from tests.conftest import write_tiny_interactions
+    from tests.conftest import write_tiny_config
 
     folder = tmp_path_factory.mktemp("ddp")
-    (folder / "tiny.yaml").write_text(TINY_CONFIG.format(csv=write_tiny_interactions(folder / "tiny.csv")))
+    write_tiny_config(folder, max_epochs=1)
     outputs = {}
     for stage in ("fit", "validate"):
         outputs[stage] = subprocess.run([sys.executable, "-m", "tests.test_ddp", stage, str(folder)], cwd=ROOT,
