@@ -43,6 +43,8 @@ TABLE_METRICS = ["ndcg@10", "hr@10", "ndcg@10_liked", "hr@10_liked", "rating@10"
 PAIRED_METRICS = ["ndcg@10", "true_reward@10"]
 BOOTSTRAP_SAMPLES = 2000
 RM_METRICS = ["rmse", "mae", "rmse_global_mean", "rmse_item_mean", "rmse_user_mean"]
+# The reward model also ranks (its predicted rating of every item): its ranking metrics, for reference.
+RM_RANKING_METRICS = ["ndcg@10", "ndcg@10_liked", "hr@10", "true_reward@10"]
 # Offset of the evaluator reward model's seed: a different initialisation and batch order.
 EVALUATOR_SEED_OFFSET = 1000
 STUDY_KEYS = {"name", "pretrain_config", "data", "pretrained", "methods", "seeds", "posttrain_epochs",
@@ -573,8 +575,9 @@ def _paired_cell(rs, method, setting, metric, per_user, reference) -> str:
 
 
 def _rm_table(rm_rows: list[dict]) -> list[str]:
-    cols = [f"test/{m}" for m in RM_METRICS if any(f"test/{m}" in r for r in rm_rows)]
-    lines = ["Reward models (rating regression on the test targets; lower is better):", "",
+    cols = [f"test/{m}" for m in RM_METRICS + RM_RANKING_METRICS if any(f"test/{m}" in r for r in rm_rows)]
+    lines = ["Reward models: rating regression on the test targets (RMSE, MAE: lower is better; the three mean "
+             "predictors for reference), and the ranking metrics of the RM used as a policy (top-10 predicted ratings):", "",
              f"| reward model | seeds | {' | '.join(cols)} |", "|" + "---|" * (2 + len(cols))]
     for method in ("reward_model", "eval_reward_model"):
         rs = [r for r in rm_rows if r["method"] == method]
