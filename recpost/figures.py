@@ -65,7 +65,7 @@ def _read_curve(path: str) -> dict[str, list[tuple[int, float]]]:
 def training_curves(rows: list[dict], method: str, path: Path, reward: str = "val/rm_reward@10",
                     held_out: str | None = None) -> Path | None:
     """``reward`` (the training reward model's score of the top-10) and a held-out metric over training
-    steps, one colour per setting (seed 0 solid; other seeds faint). The held-out metric is
+    batches (Lightning's logged step; one PPO rollout per batch), one colour per setting (seed 0 solid; other seeds faint). The held-out metric is
     ``val/true_reward@10`` where the data has ground truth, else ``val/ndcg@10``. Reward hacking shows
     as the left panel rising while the right one falls."""
     runs = [r for r in rows if r.get("method") == method and r.get("metrics_csv") and Path(r["metrics_csv"]).is_file()]
@@ -93,7 +93,7 @@ def training_curves(rows: list[dict], method: str, path: Path, reward: str = "va
         axes[1].axhline(base, linestyle=":", color="grey", label="base (pretrained)")
         axes[1].legend(fontsize=8)
     for ax, metric in zip(axes, (reward, held_out)):
-        ax.set_xlabel("optimiser step")
+        ax.set_xlabel("training batches (PPO: rollouts)")
         ax.set_ylabel(metric)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{method}: training reward model vs held-out metric")
