@@ -120,5 +120,22 @@ def test_two_process_validation_metrics_equal_one_process(ddp_chain, method, tmp
     assert two == one
 
 
+@pytest.mark.slow
+def test_two_process_test_metrics_and_per_user_rows_equal_one_process(ddp_chain, tmp_path):
+    # the per-user rows feed the experiment's paired bootstrap: they must be every user's, once
+    folder, _ = ddp_chain
+    outputs = {}
+    for devices, extra in ((1, ()), (2, DDP[2:])):
+        root = tmp_path / f"test-{devices}"
+        out = recpost("test", *validate_args(folder, "exp_sft"), "--trainer.devices", str(devices), *extra,
+                      "--trainer.default_root_dir", str(root))
+        assert out.returncode == 0, out.stderr[-3000:]
+        run = _run_dir(root)
+        outputs[devices] = ((run / "test_metrics.json").read_text(), (run / "test_per_user.csv").read_text())
+    assert outputs[2] == outputs[1]
+    rows = outputs[1][1].splitlines()
+    assert len(rows) == 1 + 101 and "eval_rm_reward@10" in rows[0]
+
+
 if __name__ == "__main__":  # launched by the ddp_chain fixture (and, for rank 1 of the fits, by Lightning)
     run_chain(sys.argv[1], Path(sys.argv[2]))
