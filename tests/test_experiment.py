@@ -133,8 +133,9 @@ def test_choice_on_validation_follows_the_monitor_mode(tmp_path):
 
 
 @pytest.mark.slow
-def test_rlhf_stages_use_the_reward_model_and_log_to_wandb_offline(tmp_path, tiny_config, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_rlhf_stages_use_the_reward_model(tmp_path, tiny_config, monkeypatch):
+    # W&B off here (each offline run costs seconds per stage); the W&B wiring is tested below
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     cfg = tmp_path / "study.yaml"
     cfg.write_text(f"""
 name: tiny-rlhf
@@ -167,10 +168,37 @@ methods:
     assert "| reward_model | 1/1 |" in md and "| eval_reward_model | 1/1 |" in md
     assert (out / "figures" / "ppo_training_curves.png").is_file()
     assert (out / "figures" / "dpo_training_curves.png").is_file()
-    # W&B: offline runs per stage plus the results run, and one line saying why it is offline
-    assert list((out / "seed0" / "ppo" / "kl_coef0.1" / "wandb").glob("offline-run-*"))
-    assert list((out / "wandb").glob("offline-run-*"))
-    assert (out / "seed0" / "ppo" / "kl_coef0.1" / "fit").rglob("metrics.csv")
+    assert not (out / "seed0" / "ppo" / "kl_coef0.1" / "wandb").exists()  # WANDB_MODE=disabled: nothing written
+
+
+def test_wandb_is_offline_without_a_key_and_every_stage_gets_csv_then_wandb(tmp_path, tiny_config, monkeypatch):
+    import yaml
+
+    from recpost.experiment import Runner, _logger_config, wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    mode, message = wandb_mode()
+    assert mode == "offline" and "no API key" in message and "wandb sync" in message
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode() == ("online", None)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode()[0] == "disabled"
+
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE")
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(f"name: tiny\npretrain_config: {tiny_config}\nmethods:\n  sft: {{}}\n")  # no wandb key: on
+    study = load_study(str(cfg_path))
+    runner = Runner(study, tmp_path / "out", total=1)
+    assert runner.env["WANDB_MODE"] == "offline" and runner.wandb["group"] == "tiny"
+    cfg = yaml.safe_load(_logger_config(tmp_path / "loggers.yaml", tmp_path / "fit", runner.wandb, "tiny-seed-0-sft",
+                                        "abc", "fit").read_text())
+    csv_logger, wandb_logger = cfg["trainer"]["logger"]
+    assert csv_logger["class_path"].endswith("CSVLogger") and wandb_logger["class_path"].endswith("WandbLogger")
+    assert wandb_logger["init_args"]["group"] == "tiny" and wandb_logger["init_args"]["name"] == "tiny-seed-0-sft"
 
 
 @pytest.mark.parametrize("body, message", [
