@@ -21,6 +21,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders created) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def metric_vs_lambda(rows: list[dict], metric: str, path: Path, method: str = "exp_sft") -> Path | None:
     """Test ``metric`` of ``method`` against lambda (log axis, mean ± std over seeds), with the SFT
     and base levels as horizontal lines. Returns the path, or None when there is nothing to plot."""
@@ -42,11 +51,7 @@ def metric_vs_lambda(rows: list[dict], metric: str, path: Path, method: str = "e
     ax.set_xlabel("lambda")
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _read_curve(path: str) -> dict[str, list[tuple[int, float]]]:
@@ -97,11 +102,7 @@ def training_curves(rows: list[dict], method: str, path: Path, reward: str = "va
         ax.set_ylabel(metric)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{method}: training reward model vs held-out metric")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def weight_distribution(config_args: list[str], lams: list[float], path: Path) -> Path | None:
@@ -135,11 +136,7 @@ def weight_distribution(config_args: list[str], lams: list[float], path: Path) -
     ax.set_xlabel("weight exp(r / lam) / mean")
     ax.set_ylabel("training targets")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_all(rows: list[dict], folder: Path) -> list[Path]:
