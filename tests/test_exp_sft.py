@@ -62,16 +62,25 @@ def test_effective_sample_size_is_one_for_equal_weights_and_one_over_n_for_a_sin
     assert effective_sample_size(torch.tensor([0.0, 0.0, 0.0, 4.0])).item() == pytest.approx(0.25)
 
 
-def test_lambda_to_infinity_matches_sft(datamodule):
-    batch = datamodule._collate_train(list(range(32)))
-    grads = {}
-    for name, module in (("sft", _module(SFT, datamodule)), ("exp", _module(ExpSFT, datamodule, lam=1e8))):
+def assert_same_loss_and_gradients(first, second, batch, seed: int | None = None) -> None:
+    """Both modules give the same loss and parameter gradients on ``batch`` (``seed``: the same random
+    draws, e.g. sampled negatives, for both)."""
+    results = []
+    for module in (first, second):
+        if seed is not None:
+            torch.manual_seed(seed)
         loss, _ = module.training_loss(batch)
         loss.backward()
-        grads[name] = (loss.detach(), [p.grad.clone() for p in module.parameters()])
-    assert torch.allclose(grads["sft"][0], grads["exp"][0], rtol=1e-6)
-    for g_sft, g_exp in zip(grads["sft"][1], grads["exp"][1]):
-        assert torch.allclose(g_sft, g_exp, rtol=1e-5, atol=1e-8)
+        results.append((loss.detach(), [p.grad.clone() for p in module.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+    for g_a, g_b in zip(grads_a, grads_b):
+        assert torch.allclose(g_a, g_b, rtol=1e-5, atol=1e-8)
+
+
+def test_lambda_to_infinity_matches_sft(datamodule):
+    batch = datamodule._collate_train(list(range(32)))
+    assert_same_loss_and_gradients(_module(SFT, datamodule), _module(ExpSFT, datamodule, lam=1e8), batch)
 
 
 def test_small_lambda_changes_the_gradient(datamodule):

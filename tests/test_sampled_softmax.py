@@ -103,17 +103,12 @@ def test_sampled_softmax_loss_is_finite_and_differs_from_the_full_one(datamodule
 
 
 def test_lambda_to_infinity_matches_sft_under_the_same_sampled_softmax(datamodule):
+    from tests.test_exp_sft import assert_same_loss_and_gradients
+
     batch = datamodule._collate_train(list(range(32)))
-    grads = {}
-    for name, cls, kw in (("sft", SFT, {}), ("exp", ExpSFT, {"lam": 1e8})):
-        module = build(cls, datamodule, softmax="sampled", num_negatives=8, **kw)
-        torch.manual_seed(123)  # the same negatives for both
-        loss, _ = module.training_loss(batch)
-        loss.backward()
-        grads[name] = (loss.detach(), [p.grad.clone() for p in module.parameters()])
-    assert torch.allclose(grads["sft"][0], grads["exp"][0], rtol=1e-6)
-    for g_sft, g_exp in zip(grads["sft"][1], grads["exp"][1]):
-        assert torch.allclose(g_sft, g_exp, rtol=1e-5, atol=1e-8)
+    sft = build(SFT, datamodule, softmax="sampled", num_negatives=8)
+    exp = build(ExpSFT, datamodule, softmax="sampled", num_negatives=8, lam=1e8)
+    assert_same_loss_and_gradients(sft, exp, batch, seed=123)  # the same negatives for both
 
 
 def test_exp_sft_weights_multiply_the_sampled_cross_entropy(datamodule):
