@@ -109,17 +109,13 @@ def _known(folder: str) -> list[str]:
     return sorted(p.stem for p in (REPO_ROOT / "configs" / folder).glob("*.yaml"))
 
 
-def _method_class(config: Path) -> str | None:
-    raw = yaml.safe_load(config.read_text()) or {}
-    model = raw.get("model") or {}
-    return model.get("class_path") if isinstance(model, dict) else None
-
-
 def _check_method_class(name: str, config: Path, where: Path) -> bool:
     """The method config must name a recpost method; returns whether it takes a reward model."""
     import importlib
 
-    class_path = _method_class(config)
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    model = model if isinstance(model, dict) else {}
+    class_path = model.get("class_path")
     if not class_path:
         raise RecpostError(f"{where}: methods.{name}: {config} sets no model.class_path")
     module, _, cls = class_path.rpartition(".")
@@ -132,8 +128,7 @@ def _check_method_class(name: str, config: Path, where: Path) -> bool:
     if not (isinstance(method, type) and issubclass(method, RecModule)):
         raise RecpostError(f"{where}: methods.{name}: {class_path} (in {config}) is not a recpost method; "
                            "use one of recpost.methods.SFT, ExpSFT, PPO, DPO, RewardModel")
-    raw = yaml.safe_load(config.read_text()) or {}
-    return "reward_model" in ((raw.get("model") or {}).get("init_args") or {})
+    return "reward_model" in (model.get("init_args") or {})
 
 
 def _keys(raw: dict, allowed: set[str], where: str) -> None:
