@@ -7,7 +7,7 @@ from pathlib import Path
 
 from recpost.data import Table
 from recpost.data.interactions import PreprocessOptions, build_cache
-from tests.conftest import write_tiny_interactions
+from tests.helpers import write_tiny_interactions
 
 
 class CountingTable(Table):

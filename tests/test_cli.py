@@ -3,41 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import latest_run, recpost, write_tiny_interactions
+
 METRICS = ["ndcg@10", "ndcg@50", "hr@10", "hr@50", "mrr", "ndcg@10_liked", "hr@10_liked", "rating@10", "coverage@10"]
-
-
-def recpost(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "recpost", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
-
-
-def _run_dir(root: Path) -> Path:
-    return sorted((root / "lightning_logs").glob("version_*"))[-1]
 
 
 @pytest.fixture
 def fitted(tiny_config: Path) -> tuple[Path, Path]:
     out = recpost("fit", "--config", str(tiny_config))
     assert out.returncode == 0, out.stderr[-3000:]
-    run = _run_dir(tiny_config.parent / "runs")
+    run = latest_run(tiny_config.parent / "runs")
     return tiny_config, run
 
 
 @pytest.mark.slow
 def test_fit_keeps_the_best_validation_checkpoint_and_logs_metrics(fitted):
     _, run = fitted
-    assert (run / "checkpoints" / "best.ckpt").is_file()
-    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert (run.best_checkpoint).is_file()
+    header = run.metrics_csv.read_text().splitlines()[0].split(",")
     assert {f"val/{m}" for m in METRICS} <= set(header)
     assert "train/loss" in header
 
@@ -45,7 +33,7 @@ def test_fit_keeps_the_best_validation_checkpoint_and_logs_metrics(fitted):
 @pytest.mark.slow
 def test_checkpoint_loads_with_weights_only_and_carries_the_catalog_hash(fitted):
     _, run = fitted
-    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt = torch.load(run.best_checkpoint, weights_only=True)
     assert len(ckpt["hyper_parameters"]["item_map_hash"]) == 16
     assert ckpt["hyper_parameters"]["n_items"] == 40
 
@@ -53,9 +41,9 @@ def test_checkpoint_loads_with_weights_only_and_carries_the_catalog_hash(fitted)
 @pytest.mark.slow
 def test_test_writes_flat_test_metrics_json_and_prints_its_path(fitted):
     cfg, run = fitted
-    out = recpost("test", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+    out = recpost("test", "--config", str(cfg), "--ckpt_path", str(run.best_checkpoint))
     assert out.returncode == 0, out.stderr[-3000:]
-    path = _run_dir(cfg.parent / "runs") / "test_metrics.json"
+    path = latest_run(cfg.parent / "runs").metrics_json("test")
     assert str(path) in out.stdout
     metrics = json.loads(path.read_text())
     assert {f"test/{m}" for m in METRICS} <= set(metrics)
@@ -75,11 +63,10 @@ def test_test_writes_flat_test_metrics_json_and_prints_its_path(fitted):
 @pytest.mark.slow
 def test_checkpoint_from_another_catalog_is_rejected(fitted, tmp_path):
     cfg, run = fitted
-    from tests.conftest import write_tiny_interactions
 
     other = write_tiny_interactions(tmp_path / "other.csv", n_items=45, seed=1)
     out = recpost("test", "--config", str(cfg), "--data.source.init_args.path", str(other),
-                  "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+                  "--ckpt_path", str(run.best_checkpoint))
     assert out.returncode == 2
     assert "another item catalog" in out.stderr
     assert "Traceback" not in out.stderr
@@ -103,9 +90,9 @@ def test_bad_max_len_is_one_clear_line(tiny_config):
 @pytest.mark.slow
 def test_predict_writes_top10_per_user_with_source_ids(fitted):
     cfg, run = fitted
-    out = recpost("predict", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+    out = recpost("predict", "--config", str(cfg), "--ckpt_path", str(run.best_checkpoint))
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = (_run_dir(cfg.parent / "runs") / "predictions.csv").read_text().splitlines()
+    lines = latest_run(cfg.parent / "runs").predictions_csv.read_text().splitlines()
     assert lines[0] == "user_id,rank,item_id,score"
     rows = [line.split(",") for line in lines[1:]]
     assert len(rows) == 101 * 10

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import _run_dir, recpost
+from recpost.runs import LOGS_DIR, RunFolder
+from tests.helpers import latest_run, recpost
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_CONFIGS = ROOT / "configs" / "method"
@@ -36,7 +37,7 @@ EXPECTED = {
 
 
 def best_checkpoint(folder: Path, method: str) -> Path:
-    return folder / method / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    return RunFolder(folder / method / LOGS_DIR / "version_0").best_checkpoint
 
 
 def method_args(folder: Path, method: str) -> list[str]:
@@ -79,7 +80,7 @@ def run_chain(stage: str, folder: Path) -> None:
 @pytest.fixture(scope="module")
 def ddp_chain(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The folder where every method was fitted under DDP and validated in one process, and the fits' output."""
-    from tests.conftest import write_tiny_config
+    from tests.helpers import write_tiny_config
 
     folder = tmp_path_factory.mktemp("ddp")
     write_tiny_config(folder, max_epochs=1)
@@ -101,9 +102,9 @@ def test_the_fits_ran_on_two_ranks(ddp_chain):
 @pytest.mark.parametrize("method", list(EXPECTED))
 def test_fit_under_ddp_keeps_a_checkpoint_and_logs_validation(ddp_chain, method):
     folder, _ = ddp_chain
-    run = best_checkpoint(folder, method).parents[1]
-    assert (run / "checkpoints" / "best.ckpt").is_file()
-    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    run = latest_run(folder / method)
+    assert run.best_checkpoint.is_file()
+    header = run.metrics_csv.read_text().splitlines()[0].split(",")
     assert {"train/loss", "val/ndcg@10"} <= set(header)
 
 
@@ -111,10 +112,10 @@ def test_fit_under_ddp_keeps_a_checkpoint_and_logs_validation(ddp_chain, method)
 @pytest.mark.parametrize("method", list(EXPECTED))
 def test_two_process_validation_metrics_equal_one_process(ddp_chain, method, tmp_path):
     folder, _ = ddp_chain
-    one = json.loads((_run_dir(one_process_root(folder, method)) / "val_metrics.json").read_text())
+    one = json.loads(latest_run(one_process_root(folder, method)).metrics_json("val").read_text())
     out = recpost("validate", *validate_args(folder, method), *DDP, "--trainer.default_root_dir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
-    two = json.loads((_run_dir(tmp_path) / "val_metrics.json").read_text())
+    two = json.loads(latest_run(tmp_path).metrics_json("val").read_text())
     assert one["val/n_users"] == 101
     assert {"val/ndcg@10", "val/coverage@10", *EXPECTED[method]} <= set(one)
     assert two == one
@@ -130,8 +131,8 @@ def test_two_process_test_metrics_and_per_user_rows_equal_one_process(ddp_chain,
         out = recpost("test", *validate_args(folder, "exp_sft"), "--trainer.devices", str(devices), *extra,
                       "--trainer.default_root_dir", str(root))
         assert out.returncode == 0, out.stderr[-3000:]
-        run = _run_dir(root)
-        outputs[devices] = ((run / "test_metrics.json").read_text(), (run / "test_per_user.csv").read_text())
+        run = latest_run(root)
+        outputs[devices] = (run.metrics_json("test").read_text(), run.per_user_csv.read_text())
     assert outputs[2] == outputs[1]
     rows = outputs[1][1].splitlines()
     assert len(rows) == 1 + 101 and "eval_rm_reward@10" in rows[0]

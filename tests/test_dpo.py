@@ -11,7 +11,7 @@ import torch
 from recpost.errors import RecpostError
 from recpost.methods import DPO
 from recpost.methods.dpo import dpo_loss, logged_pairs
-from tests.policy_helpers import (
+from tests.helpers import (
     build,
     last_metrics,
     pretrained_checkpoint,
@@ -142,4 +142,4 @@ def test_recpost_fit_runs_dpo_and_logs_trl_metrics(tiny_config):
         assert all(math.isfinite(float(r[name])) for r in train), name
     val = next(r for r in rows if r.get("val/ndcg@10"))
     assert math.isfinite(float(val["val/rm_reward@10"]))
-    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert (run.best_checkpoint).is_file()

@@ -13,7 +13,7 @@ from recpost.errors import RecpostError
 from recpost.methods import SFT, ExpSFT
 from recpost.methods.losses import effective_sample_size, exp_reward_weights
 from recpost.models import BackboneConfig
-from tests.conftest import write_tiny_interactions
+from tests.helpers import assert_same_loss_and_gradients, write_tiny_interactions
 
 TINY = BackboneConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0)
 
@@ -60,22 +60,6 @@ def test_max_weight_clips_after_normalising():
 def test_effective_sample_size_is_one_for_equal_weights_and_one_over_n_for_a_single_one():
     assert effective_sample_size(torch.ones(8)).item() == pytest.approx(1.0)
     assert effective_sample_size(torch.tensor([0.0, 0.0, 0.0, 4.0])).item() == pytest.approx(0.25)
-
-
-def assert_same_loss_and_gradients(first, second, batch, seed: int | None = None) -> None:
-    """Both modules give the same loss and parameter gradients on ``batch`` (``seed``: the same random
-    draws, e.g. sampled negatives, for both)."""
-    results = []
-    for module in (first, second):
-        if seed is not None:
-            torch.manual_seed(seed)
-        loss, _ = module.training_loss(batch)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in module.parameters()]))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert torch.allclose(loss_a, loss_b, rtol=1e-6)
-    for g_a, g_b in zip(grads_a, grads_b):
-        assert torch.allclose(g_a, g_b, rtol=1e-5, atol=1e-8)
 
 
 def test_lambda_to_infinity_matches_sft(datamodule):

@@ -93,7 +93,7 @@ def test_unknown_key_in_experiment_config_is_rejected(tmp_path, tiny_config):
 
 
 def test_cli_reads_the_experiment_config_from_dash_dash_config(tmp_path):
-    from tests.test_cli import recpost
+    from tests.helpers import recpost
 
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("name: x\n")
@@ -247,7 +247,7 @@ def test_every_shipped_experiment_config_loads(path):
 
 @pytest.mark.parametrize("name", ["ml1m", "ml20m", "amazon_books"])
 def test_published_size_pretrain_configs_parse(name):
-    from tests.test_cli import recpost
+    from tests.helpers import recpost
 
     out = recpost("fit", "--config", str(ROOT / "configs" / "pretrain" / f"{name}.yaml"), "--print_config")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -17,6 +17,8 @@ import lightning as L
 import pytest
 import torch
 
+from recpost.runs import run_folders
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
@@ -117,10 +119,10 @@ def test_two_torchrun_nodes_train_one_model_and_write_one_checkpoint(tiny_config
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"], "the two nodes ended with different weights"
 
     runs = tmp_path / "runs"
-    versions = sorted((runs / "lightning_logs").glob("version_*"))
-    assert [v.name for v in versions] == ["version_0"]
+    versions = run_folders(runs)
+    assert [v.version for v in versions] == [0]
     ckpts = sorted(runs.rglob("*.ckpt"))
-    assert ckpts == [versions[0] / "checkpoints" / "best.ckpt"]
+    assert ckpts == [versions[0].best_checkpoint]
     # One epoch: the checkpoint holds the weights both ranks finished with.
     state = torch.load(ckpts[0], weights_only=True)["state_dict"]
     assert weights_hash(state) == ranks[0]["weights_sha256"]

@@ -12,7 +12,7 @@ from recpost.errors import RecpostError
 from recpost.methods import PPO
 from recpost.methods.policy import prefix_history_mask
 from recpost.methods.ppo import clipped_surrogate, group_advantages
-from tests.policy_helpers import (
+from tests.helpers import (
     build,
     last_metrics,
     pretrained_checkpoint,
@@ -194,4 +194,4 @@ def test_recpost_fit_runs_ppo_and_logs_trl_metrics(tiny_config):
         assert all(math.isfinite(float(r[name])) for r in train), name
     val = next(r for r in rows if r.get("val/ndcg@10"))
     assert math.isfinite(float(val["val/rm_reward@10"])) and math.isfinite(float(val["val/eval_rm_reward@10"]))
-    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert (run.best_checkpoint).is_file()

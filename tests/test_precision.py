@@ -14,9 +14,9 @@ from recpost.methods import DPO, PPO, SFT, ExpSFT, RewardModel
 from recpost.methods.losses import exp_weighted_cross_entropy
 from recpost.methods.policy import exact_kl, state_log_probs, state_positions
 from recpost.models import BackboneConfig
-from tests.conftest import write_tiny_interactions
-from tests.policy_helpers import build, last_metrics, pretrained_checkpoint, reward_model_checkpoint, tiny_datamodule
-from tests.test_cli import _run_dir, recpost
+from tests.helpers import write_tiny_interactions
+from tests.helpers import build, last_metrics, pretrained_checkpoint, reward_model_checkpoint, tiny_datamodule
+from tests.helpers import latest_run, recpost
 
 METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
 F32 = torch.float32
@@ -137,7 +137,7 @@ def test_dpo_loss_and_log_probs_are_fp32_under_cpu_autocast(tiny):
 def test_bf16_mixed_fit_runs_and_logs_finite_metrics(tiny_config):
     out = recpost("fit", "--config", str(tiny_config), "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1")
     assert out.returncode == 0, out.stderr[-3000:]
-    header, *rows = (_run_dir(tiny_config.parent / "runs") / "metrics.csv").read_text().splitlines()
+    header, *rows = (latest_run(tiny_config.parent / "runs").metrics_csv).read_text().splitlines()
     col = header.split(",").index("val/ndcg@10")
     values = [float(r.split(",")[col]) for r in rows if r.split(",")[col]]
     assert values and all(0.0 <= v <= 1.0 for v in values)

@@ -15,7 +15,7 @@ from recpost.data import RecDataModule, Table
 from recpost.errors import RecpostError
 from recpost.methods import SFT, RewardModel
 from recpost.methods.reward_model import load_reward_model, rating_baselines
-from tests.policy_helpers import (
+from tests.helpers import (
     build,
     last_metrics,
     pretrained_checkpoint,
@@ -163,10 +163,10 @@ def test_recpost_fit_trains_a_reward_model_selected_on_validation_rmse(tiny_conf
                   "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root))
     assert out.returncode == 0, out.stderr[-3000:]
     run, rows = last_metrics(root)
-    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert (run.best_checkpoint).is_file()
     val = next(r for r in rows if r.get("val/rmse"))
     for name in ("rmse", "mae", "rmse_global_mean", "rmse_item_mean", "rmse_user_mean"):
         assert math.isfinite(float(val[f"val/{name}"]))
     assert all(math.isfinite(float(r["train/loss"])) for r in rows if r.get("train/loss"))
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = yaml.safe_load(run.config.read_text())
     assert (config["checkpoint"]["monitor"], config["checkpoint"]["mode"]) == ("val/rmse", "min")

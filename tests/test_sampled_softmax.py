@@ -19,7 +19,7 @@ from recpost.methods.losses import (
     sample_negatives,
     sampled_softmax_cross_entropy,
 )
-from tests.policy_helpers import build, reward_model_checkpoint, tiny_datamodule
+from tests.helpers import build, reward_model_checkpoint, tiny_datamodule
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_sampled_softmax_loss_is_finite_and_differs_from_the_full_one(datamodule
 
 
 def test_lambda_to_infinity_matches_sft_under_the_same_sampled_softmax(datamodule):
-    from tests.test_exp_sft import assert_same_loss_and_gradients
+    from tests.helpers import assert_same_loss_and_gradients
 
     batch = datamodule._collate_train(list(range(32)))
     sft = build(SFT, datamodule, softmax="sampled", num_negatives=8)
@@ -241,7 +241,10 @@ def test_chunked_prediction_equals_the_unchunked_one(datamodule):
         whole = module.predict_step(batch, 0, k=5)
         module.hparams.score_chunk_size = 6
         chunked = module.predict_step(batch, 0, k=5)
-    assert torch.equal(whole["items"], chunked["items"]) and torch.equal(whole["scores"], chunked["scores"])
+    # The same items; scores to the last bit only up to BLAS rounding (a [B, 6] matmul may round a dot
+    # product differently from the [B, n_items + 1] one).
+    assert torch.equal(whole["items"], chunked["items"])
+    assert torch.allclose(whole["scores"], chunked["scores"], rtol=1e-6, atol=1e-6)
 
 
 def test_chunked_evaluation_keeps_the_simulator_ground_truth_metrics(tmp_path):

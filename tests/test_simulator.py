@@ -288,7 +288,7 @@ def test_bandit_history_must_leave_an_action():
 # ----------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_pretrain_config_logs_true_reward_in_metrics_csv(tmp_path):
-    from tests.test_cli import _run_dir, recpost
+    from tests.helpers import latest_run, recpost
 
     out = recpost(
         "fit", "--config", "configs/pretrain/sim.yaml", "--trainer.max_epochs", "1",
@@ -298,5 +298,5 @@ def test_pretrain_config_logs_true_reward_in_metrics_csv(tmp_path):
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    header = (_run_dir(tmp_path) / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = (latest_run(tmp_path).metrics_csv).read_text().splitlines()[0].split(",")
     assert {f"val/{name}" for name in TRUTH_METRICS} <= set(header)

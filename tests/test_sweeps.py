@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_cli import _run_dir
+from tests.helpers import latest_run, recpost
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -64,11 +64,9 @@ def _agent_command(config: dict, run_config: dict, env: dict[str, str]) -> list[
 
 @pytest.mark.slow
 def test_a_generated_grid_command_trains_and_logs_to_wandb_and_csv(tiny_config, tmp_path):
-    from tests.test_cli import recpost
-
     pre = recpost("fit", "--config", str(tiny_config), "--trainer.max_epochs", "1")
     assert pre.returncode == 0, pre.stderr[-2000:]
-    ckpt = _run_dir(tiny_config.parent / "runs") / "checkpoints" / "best.ckpt"
+    ckpt = latest_run(tiny_config.parent / "runs").best_checkpoint
     config = yaml.safe_load((ROOT / "sweeps" / "exp_sft_lambda.yaml").read_text())
     run = sweeps.next_run(config, [], validate=True)
     command = _agent_command(config, run.config, {"RECPOST_INIT_FROM": str(ckpt)})
@@ -81,10 +79,10 @@ def test_a_generated_grid_command_trains_and_logs_to_wandb_and_csv(tiny_config, 
                          capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    run_dir = _run_dir(root)
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    run_dir = latest_run(root)
+    saved = yaml.safe_load(run_dir.config.read_text())
     assert saved["model"]["init_args"]["lam"] == run.config["model.init_args.lam"]["value"]
-    assert "val/ndcg@10" in (run_dir / "metrics.csv").read_text().splitlines()[0]  # CSV logs always written
-    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert "val/ndcg@10" in run_dir.metrics_csv.read_text().splitlines()[0]  # CSV logs always written
+    assert run_dir.best_checkpoint.is_file()
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))

@@ -189,6 +189,14 @@ class RecDataModule(L.LightningDataModule):
         d = self.data
         return np.bincount(d.item[self._in_train()], minlength=d.n_items + 1)
 
+    def train_target_rewards(self) -> np.ndarray:
+        """The reward of every training target ``[N]`` (each training interaction but a user's first, the
+        targets one training epoch sees exactly once), under ``reward_transform``."""
+        d = self.data
+        target = self._in_train()
+        target[d.offsets[:-1][np.diff(d.offsets) > 0]] = False  # a user's first item is an input only
+        return np.asarray(self.rewards(d.rating[target]), dtype=np.float32)
+
     # ----------------------------------------------------------------------------------- training
     def train_windows(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, end) of every training window: up to ``max_len + 1`` items, the newest first.

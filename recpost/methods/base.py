@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import numpy as np
@@ -73,6 +74,15 @@ class RecModule(L.LightningModule):
             ``[eval_batch_size, n_items + 1]``; the metrics are the same. ``null``: one matmul over the
             whole catalog. Worth it from ~10^5 items (e.g. 65536).
     """
+
+    #: Whether the method has a ``reward_model`` argument (the experiment runner passes it the study's RM).
+    takes_reward_model: ClassVar[bool] = False
+
+    @classmethod
+    def needs_reward_model(cls, init_args: Mapping[str, Any]) -> bool:
+        """Whether the method, configured with ``init_args`` (its config's ``model.init_args`` with a grid
+        setting on top), cannot train without a reward model."""
+        return False
 
     def __init__(
         self,

@@ -106,6 +106,12 @@ class DPO(RecModule):
         **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, ...).
     """
 
+    takes_reward_model = True
+
+    @classmethod
+    def needs_reward_model(cls, init_args):
+        return init_args.get("pair_source", "reward_model") == "reward_model"
+
     def __init__(
         self,
         *args,

@@ -136,6 +136,12 @@ class PPO(RecModule):
         **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, ...).
     """
 
+    takes_reward_model = True
+
+    @classmethod
+    def needs_reward_model(cls, init_args):
+        return True
+
     def __init__(
         self,
         *args,
