@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from jsonargparse import ArgumentParser, Namespace
 
-from recpost.data import RecDataModule, Simulator
-from recpost.data.simulator import BanditWorld, SimulatorTruth
+from recpost.data import RecDataModule, Simulator, Source
+from recpost.data.simulator import BanditWorld, SimulatorTruth, SimWorld, WorldConfig
 from recpost.errors import RecpostError
 from recpost.evaluation import mask_items
 
@@ -21,9 +24,14 @@ TRUTH_METRICS = (
 )
 
 
+def _sim(**settings) -> Simulator:
+    """A Simulator from flat settings: the sequence lengths go to the source, the rest to its world."""
+    lengths = {k: settings.pop(k) for k in ("min_seq_len", "max_seq_len") if k in settings}
+    return Simulator(WorldConfig(**settings), **lengths)
+
+
 def _small(**kw) -> Simulator:
-    args = {"n_users": 120, "n_items": 80, "min_seq_len": 5, "max_seq_len": 12, "seed": 1, **kw}
-    return Simulator(**args)
+    return _sim(**{"n_users": 120, "n_items": 80, "min_seq_len": 5, "max_seq_len": 12, "seed": 1, **kw})
 
 
 def _datamodule(sim: Simulator, tmp_path, **kw) -> RecDataModule:
@@ -66,7 +74,7 @@ def test_load_returns_the_canonical_table_with_step_timestamps():
 def test_sampled_actions_follow_the_computed_behaviour_probabilities(knobs):
     # One user sampled 40,000 times: at each step, the rows sharing the most common history are
     # draws from pi_beta(. | user, that history), which behavior_probs computes independently.
-    world = Simulator(n_users=10, n_items=60, min_seq_len=3, max_seq_len=3, seed=2, **knobs).world
+    world = SimWorld(WorldConfig(n_users=10, n_items=60, seed=2, **knobs))
     n, steps, user = 40_000, 3, 4
     seqs = world.sample_sequences(torch.full((n,), user), torch.full((n,), steps), block=0)  # [n, steps]
     for t in range(steps):
@@ -92,13 +100,13 @@ def test_behaviour_excludes_history_and_is_a_distribution():
 
 
 def test_behaviour_consumes_items_users_do_not_like():
-    data = Simulator(n_users=300, seed=0).generate()  # default world, fewer users
+    data = Simulator(WorldConfig(n_users=300)).generate()  # default world, fewer users
     assert (data["r_star"] < 3).float().mean() > 0.05
 
 
 # ----------------------------------------------------------------------------------- noise
 def test_rating_noise_has_the_configured_mean_and_variance():
-    world = Simulator(noise_std=0.4, round_to_stars=False).world
+    world = SimWorld(WorldConfig(noise_std=0.4, round_to_stars=False))
     r_star = torch.full((200_000,), 3.0)
     items = torch.randint(world.n_items, (200_000,), generator=torch.Generator().manual_seed(0))
     noise = world.observe(r_star, items, torch.Generator().manual_seed(1)) - r_star
@@ -120,7 +128,7 @@ def test_zero_noise_gives_the_true_reward():
 
 
 def test_heteroscedastic_noise_is_larger_for_rare_items():
-    world = Simulator(noise_std=0.3, heteroscedasticity=1.0, round_to_stars=False).world
+    world = SimWorld(WorldConfig(noise_std=0.3, heteroscedasticity=1.0, round_to_stars=False))
     popular, rare = world.rarity.argmin(), world.rarity.argmax()
     n = 100_000
     gen = torch.Generator().manual_seed(0)
@@ -153,7 +161,7 @@ def _random_scores(batch: dict, n_items: int, seed: int = 0) -> torch.Tensor:
 def test_datamodule_serves_simulator_batches_and_ground_truth_metrics(tmp_path):
     sim = _small()
     batch, truth, dm = _val_batch_and_truth(sim, tmp_path)
-    assert next(iter(dm.train_dataloader()))["target_items"].shape[0] == 32
+    assert next(iter(dm.train_dataloader()))["input_items"].shape[0] == 32
     assert truth.metric_names == TRUTH_METRICS
     out = truth.evaluate(batch, _random_scores(batch, dm.n_items))
     assert set(out) == set(TRUTH_METRICS)
@@ -209,7 +217,7 @@ def test_oracle_top10_is_at_least_any_policys(tmp_path):
 
 
 def test_behaviour_top10_is_strictly_below_the_oracle_in_the_default_world(tmp_path):
-    sim = Simulator(n_users=300)  # the default world with fewer users
+    sim = Simulator(WorldConfig(n_users=300))  # the default world with fewer users
     batch, truth, dm = _val_batch_and_truth(sim, tmp_path)
     out = truth.evaluate(batch, _random_scores(batch, dm.n_items))
     assert out["true_reward@10_behavior"].mean() < out["true_reward@10_oracle"].mean() - 0.2
@@ -276,13 +284,105 @@ def test_bandit_rejects_a_non_positive_lambda(bandit):
 ], ids=lambda v: str(v) if isinstance(v, dict) else "")
 def test_bad_simulator_settings_fail_with_one_clear_line(knobs, message):
     with pytest.raises(RecpostError, match=message) as exc:
-        Simulator(**{"n_items": 100, **knobs})
+        _sim(**{"n_items": 100, **knobs})
     assert "\n" not in str(exc.value)
 
 
 def test_bandit_history_must_leave_an_action():
     with pytest.raises(RecpostError, match="leaves no action"):
         BanditWorld(n_contexts=2, n_actions=5, history_len=5)
+
+
+# ----------------------------------------------------------------------------------- settings
+WORLD_FIELDS = tuple(f.name for f in dataclasses.fields(WorldConfig))
+SIM_CONFIGS = ("configs/data/sim.yaml", "configs/data/sim_large.yaml", "configs/pretrain/sim.yaml")
+
+
+def _source_parser() -> ArgumentParser:
+    """A parser with ``source`` typed like ``RecDataModule``'s, so it reads configs as the CLI does."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--source", type=Source)
+    return parser
+
+
+def _instantiate(parser: ArgumentParser, cfg: Namespace) -> Namespace:
+    """``parser.instantiate`` (jsonargparse >= 4.49), or ``instantiate_classes`` of older versions."""
+    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
+
+
+def test_world_settings_are_defined_once_in_world_config():
+    # The source owns only the sequence lengths and takes its world whole; the bandit view names only
+    # the settings whose defaults it changes. Any other world parameter would be a second definition.
+    params = inspect.signature(Simulator).parameters
+    assert list(params) == ["world", "min_seq_len", "max_seq_len"]
+    assert params["world"].default == WorldConfig()
+    assert list(inspect.signature(SimWorld).parameters) == ["config"]
+    assert set(inspect.signature(BanditWorld).parameters) & set(WORLD_FIELDS) == {
+        "seed", "behavior_temperature", "slate_size",
+    }
+
+
+def test_fingerprint_is_the_flat_cache_key_of_before_world_config():
+    # Existing caches are keyed by this dict: same keys, same order, same values as the flat signature gave.
+    fingerprint = _small(candidates=40, noise_std=0.25).fingerprint()
+    assert list(fingerprint) == [
+        "source", "version", "n_users", "n_items", "min_seq_len", "max_seq_len", "latent_dim", "reward_scale",
+        "quality_mean", "quality_std", "popularity_weight", "taste_weight", "sequential_weight",
+        "promotion_weight", "behavior_temperature", "slate_size", "slate_boost", "candidates", "noise_std",
+        "heteroscedasticity", "round_to_stars", "seed",
+    ]
+    assert fingerprint == {
+        "source": "simulator", "version": 1, "min_seq_len": 5, "max_seq_len": 12,
+        **dataclasses.asdict(WorldConfig(n_users=120, n_items=80, candidates=40, noise_std=0.25, seed=1)),
+    }
+
+
+@pytest.mark.parametrize("config", SIM_CONFIGS)
+def test_configs_give_every_world_setting_in_one_nested_group(config):
+    source = yaml.safe_load((ROOT / config).read_text())["data"]["source"]
+    assert set(source["init_args"]) == {"world", "min_seq_len", "max_seq_len"}
+    assert list(source["init_args"]["world"]) == list(WORLD_FIELDS)  # all spelled out, in the documented order
+    parser = _source_parser()
+    sim = _instantiate(parser, parser.parse_object({"source": source})).source
+    assert isinstance(sim, Simulator)
+    assert sim.world.config == WorldConfig(**source["init_args"]["world"])
+    if config != "configs/data/sim_large.yaml":
+        assert sim.world.config == WorldConfig()  # the default world is the one the configs spell out
+
+
+def test_a_world_setting_is_overridden_through_its_nested_key():
+    parser = _source_parser()
+    args = ["--source=recpost.data.Simulator", "--source.init_args.world.noise_std=1.0", "--source.init_args.min_seq_len=5"]
+    sim = _instantiate(parser, parser.parse_args(args)).source
+    assert sim.world.config == WorldConfig(noise_std=1.0)
+    assert (sim.min_seq_len, sim.max_seq_len) == (5, 60)
+
+
+def _recpost_error(exc: BaseException | None) -> RecpostError | None:
+    """The ``RecpostError`` behind ``exc`` (jsonargparse may wrap it), as ``recpost.cli`` reports it."""
+    while exc is not None and not isinstance(exc, RecpostError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def test_a_bad_world_setting_fails_with_one_line_wherever_the_world_is_built():
+    bad = WorldConfig(noise_std=-0.1)  # a config is plain data; the world built from it checks it
+    for build in (lambda: SimWorld(bad), lambda: Simulator(bad), lambda: BanditWorld(noise_std=-0.1)):
+        with pytest.raises(RecpostError, match="noise_std must be >= 0") as exc:
+            build()
+        assert "\n" not in str(exc.value)
+    parser = _source_parser()
+    cfg = parser.parse_args(["--source=recpost.data.Simulator", "--source.init_args.world.noise_std=-0.1"])
+    with pytest.raises(Exception) as exc:
+        _instantiate(parser, cfg)
+    error = _recpost_error(exc.value)
+    assert error is not None and "noise_std must be >= 0" in str(error) and "\n" not in str(error)
+
+
+def test_a_world_given_as_a_dict_is_rejected_with_one_line():
+    with pytest.raises(RecpostError, match="world must be a WorldConfig") as exc:
+        Simulator({"n_users": 10})
+    assert "\n" not in str(exc.value)
 
 
 # ----------------------------------------------------------------------------------- end to end
@@ -293,7 +393,7 @@ def test_pretrain_config_logs_true_reward_in_metrics_csv(tmp_path):
     out = recpost(
         "fit", "--config", "configs/pretrain/sim.yaml", "--trainer.max_epochs", "1",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-        "--data.source.init_args.n_users", "150", "--data.source.init_args.n_items", "100",
+        "--data.source.init_args.world.n_users", "150", "--data.source.init_args.world.n_items", "100",
         "--data.source.init_args.max_seq_len", "20", "--data.max_len", "20",
         cwd=ROOT,
     )

@@ -153,8 +153,9 @@ def _simulated_sequences(n_items: int, path: Path) -> Path:
     import torch
 
     from recpost.data import Simulator
+    from recpost.data.simulator import WorldConfig
 
-    sim = Simulator(n_users=N_USERS, n_items=n_items, min_seq_len=20, max_seq_len=60, candidates=1_000, seed=0)
+    sim = Simulator(WorldConfig(n_users=N_USERS, n_items=n_items, candidates=1_000, seed=0), min_seq_len=20, max_seq_len=60)
     data = sim.generate()  # user-major, chronological
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(data["user"], minlength=N_USERS).cumsum(0)])
     torch.save({"items": data["item"] + 1, "offsets": offsets, "n_items": n_items}, path)

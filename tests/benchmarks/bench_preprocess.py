@@ -24,6 +24,7 @@ import pytest
 
 from recpost.data import MovieLens, Simulator, Source
 from recpost.data.interactions import PreprocessOptions, build_cache, load_cache
+from recpost.data.simulator import WorldConfig
 
 # name: (users, items, min_seq_len, max_seq_len, candidates) -> ~users * (min + max) / 2 interactions
 # (the large-catalog options of bench_simulator.py)
@@ -80,7 +81,7 @@ def _time_preprocessing(label: str, source: Source, cache_dir: Path) -> None:
 @pytest.mark.parametrize("scale", list(SIMULATED))
 def test_simulator_preprocess_time(scale: str, tmp_path: Path) -> None:
     users, items, lo, hi, candidates = SIMULATED[scale]
-    sim = Simulator(n_users=users, n_items=items, min_seq_len=lo, max_seq_len=hi, candidates=candidates, seed=0)
+    sim = Simulator(WorldConfig(n_users=users, n_items=items, candidates=candidates, seed=0), min_seq_len=lo, max_seq_len=hi)
     _time_preprocessing(f"sim_{scale}", sim, tmp_path / "cache")
 
 

@@ -4,7 +4,7 @@
 
 Prints ``name: value`` lines (seconds, rows). The small world scores the whole catalog at every step
 (exact); the two large ones expose each user to ``candidates`` items, which keeps the cost at
-``interactions x candidates`` whatever the catalog size (see ``recpost/data/simulator.py``).
+``interactions x candidates`` whatever the catalog size (see ``recpost/data/simulator/``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 import pytest
 
 from recpost.data import Simulator
+from recpost.data.simulator import WorldConfig
 
 SCENARIOS = {
     # name: (users, items, min_seq_len, max_seq_len, candidates) -> ~users * (min + max) / 2 rows
@@ -27,7 +28,7 @@ SCENARIOS = {
 @pytest.mark.parametrize("scale", list(SCENARIOS))
 def test_simulator_generation_time(scale: str) -> None:
     users, items, lo, hi, candidates = SCENARIOS[scale]
-    sim = Simulator(n_users=users, n_items=items, min_seq_len=lo, max_seq_len=hi, candidates=candidates, seed=0)
+    sim = Simulator(WorldConfig(n_users=users, n_items=items, candidates=candidates, seed=0), min_seq_len=lo, max_seq_len=hi)
     start = time.perf_counter()
     table = sim.load()
     seconds = time.perf_counter() - start
