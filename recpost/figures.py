@@ -1,14 +1,19 @@
-"""Figures of an experiment's results (matplotlib, Agg backend: no display needed)."""
+"""Figures of an experiment's results (matplotlib, Agg backend: no display needed).
+
+Everything here works from result rows, metric files and arrays the caller passes: no CLI, no config
+parsing, so the experiment runner imports this module and never the other way round.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,26 +35,57 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# Metric names in words, for axis labels ("test/ndcg@10" -> "NDCG@10 (test)").
+_METRIC_WORDS = {
+    "ndcg@10": "NDCG@10", "ndcg@10_liked": "NDCG@10 on liked targets", "hr@10": "HR@10",
+    "true_reward@10": "true reward of the top 10", "rm_reward@10": "training RM's rating of the top 10",
+    "eval_rm_reward@10": "evaluator RM's rating of the top 10",
+}
+_SPLITS = {"val": "validation", "test": "test"}
+
+
+def metric_label(metric: str) -> str:
+    """``split/name`` in words: ``test/ndcg@10`` -> ``NDCG@10 (test)``."""
+    split, _, name = metric.partition("/")
+    if not name:
+        return _METRIC_WORDS.get(metric, metric)
+    return f"{_METRIC_WORDS.get(name, name)} ({_SPLITS.get(split, split)})"
+
+
+def curve_x_label(method: str) -> str:
+    """What one logged step of ``method`` is, when the caller does not say (one PPO rollout per batch)."""
+    return "PPO rollouts (training batches)" if method == "ppo" else "training batches"
+
+
 def metric_vs_lambda(rows: list[dict], metric: str, path: Path, method: str = "exp_sft") -> Path | None:
-    """Test ``metric`` of ``method`` against lambda (log axis, mean ± std over seeds), with the SFT
-    and base levels as horizontal lines. Returns the path, or None when there is nothing to plot."""
+    """Test ``metric`` of ``method`` against lambda (log axis; mean with ± std error bars where several
+    seeds exist), with the SFT and base levels as horizontal lines (± std bands). Returns the path, or
+    None when there is nothing to plot."""
     ok = [r for r in rows if r.get("status") == "ok" and metric in r]
     lams = sorted({r["setting"]["lam"] for r in ok if r["method"] == method and "lam" in r["setting"]})
     if not lams:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    stats = [_mean_std([r[metric] for r in ok if r["method"] == method and r["setting"].get("lam") == lam]) for lam in lams]
-    ax.errorbar(lams, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=method)
+    values = [[r[metric] for r in ok if r["method"] == method and r["setting"].get("lam") == lam] for lam in lams]
+    stats = [_mean_std(v) for v in values]
+    seeds = max(len(v) for v in values)
+    ax.errorbar(lams, [m for m, _ in stats], yerr=[s for _, s in stats] if seeds > 1 else None, marker="o", capsize=3,
+                label=f"{method} (mean ± std, {seeds} seeds)" if seeds > 1 else method)
     for other, style in (("sft", "--"), ("base", ":")):
-        mean, _ = _mean_std([r[metric] for r in ok if r["method"] == other])
+        level = [r[metric] for r in ok if r["method"] == other]
+        mean, std = _mean_std(level)
         if not math.isnan(mean):
-            ax.axhline(mean, linestyle=style, color="grey" if other == "base" else "black", label=other)
+            colour = "grey" if other == "base" else "black"
+            ax.axhline(mean, linestyle=style, color=colour, label=other)
+            if len(level) > 1:
+                ax.axhspan(mean - std, mean + std, color=colour, alpha=0.1)
     chosen = [r["setting"]["lam"] for r in ok if r["method"] == method and r.get("chosen")]
     if chosen:
         ax.axvline(chosen[0], color="tab:green", alpha=0.3, linewidth=6, label="chosen on val")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("lambda")
-    ax.set_ylabel(metric)
+    ax.set_xlabel("lambda (log scale)")
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(f"{method}: {metric_label(metric)} vs lambda", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -68,11 +104,12 @@ def _read_curve(path: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def training_curves(rows: list[dict], method: str, path: Path, reward: str = "val/rm_reward@10",
-                    held_out: str | None = None) -> Path | None:
+                    held_out: str | None = None, x_label: str | None = None) -> Path | None:
     """``reward`` (the training reward model's score of the top-10) and a held-out metric over training
-    batches (Lightning's logged step; one PPO rollout per batch), one colour per setting (seed 0 solid; other seeds faint). The held-out metric is
-    ``val/true_reward@10`` where the data has ground truth, else ``val/ndcg@10``. Reward hacking shows
-    as the left panel rising while the right one falls."""
+    batches (Lightning's logged step), one colour per setting: the mean over seeds, with a ± std band
+    where several seeds exist. The held-out metric is ``val/true_reward@10`` where the data has ground
+    truth, else ``val/ndcg@10``. Reward hacking shows as the left panel rising while the right one falls.
+    ``x_label``: what one step is (default :func:`curve_x_label`)."""
     runs = [r for r in rows if r.get("method") == method and r.get("metrics_csv") and Path(r["metrics_csv"]).is_file()]
     curves = [(r, _read_curve(r["metrics_csv"])) for r in runs]
     curves = [(r, c) for r, c in curves if reward in c]
@@ -83,68 +120,76 @@ def training_curves(rows: list[dict], method: str, path: Path, reward: str = "va
     settings = sorted({json.dumps(r["setting"], sort_keys=True) for r, _ in curves})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for r, c in curves:
-        s = json.dumps(r["setting"], sort_keys=True)
-        colour = colours[settings.index(s) % len(colours)]
-        label = ", ".join(f"{k}={v}" for k, v in r["setting"].items()) or method
-        first = r.get("seed", 0) == min(x.get("seed", 0) for x, _ in curves)
+    for i, setting in enumerate(settings):
+        group = [(r, c) for r, c in curves if json.dumps(r["setting"], sort_keys=True) == setting]
+        label = ", ".join(f"{k}={v}" for k, v in group[0][0]["setting"].items()) or method
+        if len(group) > 1:
+            label += f" ({len(group)} seeds)"
         for ax, metric in zip(axes, (reward, held_out)):
-            if metric in c:
-                steps, values = zip(*c[metric])
-                ax.plot(steps, values, marker=".", color=colour, alpha=1.0 if first else 0.3,
-                        label=label if first and ax is axes[0] else None)
-    base, _ = _mean_std([r[held_out] for r in rows if r.get("method") == "base" and held_out in r])
-    if not math.isnan(base):  # where every run starts from (the pretrained model's validation value)
-        axes[1].axhline(base, linestyle=":", color="grey", label="base (pretrained)")
+            _plot_mean_curve(ax, [c[metric] for _, c in group if metric in c], colours[i % len(colours)],
+                             label if ax is axes[0] else None)
+    base = [r[held_out] for r in rows if r.get("method") == "base" and held_out in r]
+    mean, _ = _mean_std(base)
+    if not math.isnan(mean):  # where every run starts from (the pretrained model's validation value)
+        axes[1].axhline(mean, linestyle=":", color="grey", label="base (pretrained)")
         axes[1].legend(fontsize=8)
     for ax, metric in zip(axes, (reward, held_out)):
-        ax.set_xlabel("training batches (PPO: rollouts)")
-        ax.set_ylabel(metric)
+        ax.set_xlabel(x_label or curve_x_label(method))
+        ax.set_ylabel(metric_label(metric))
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{method}: training reward model vs held-out metric")
     return _save(fig, path)
 
 
-def weight_distribution(config_args: list[str], lams: list[float], path: Path) -> Path | None:
+def _plot_mean_curve(ax, curves: list[list[tuple[int, float]]], colour: str, label: str | None) -> None:
+    """The mean over ``curves`` (one per seed) at each logged step, and a ± std band where several seeds have it."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    if not by_step:
+        return
+    steps = sorted(by_step)
+    stats = [_mean_std(by_step[s]) for s in steps]
+    means = [m for m, _ in stats]
+    ax.plot(steps, means, marker=".", color=colour, label=label)
+    if len(curves) > 1:
+        ax.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], color=colour, alpha=0.2)
+
+
+def weight_distribution(rewards: np.ndarray, lams: list[float], path: Path) -> Path | None:
     """Histogram of the normalised ExpSFT weights ``exp(r / lam)`` (batch-mean normalisation over all
-    training targets) for each lambda, on the data of ``config_args`` (a ``recpost fit`` config), with the
+    training targets) for each lambda, given the reward of every training target ``[N]``, with the
     effective sample size share in the legend. Uses the same functions as training."""
-    import numpy as np
     import torch
 
-    from recpost.cli import RecpostCLI
-    from recpost.data import RecDataModule
-    from recpost.methods import RecModule
     from recpost.methods.losses import effective_sample_size, exp_reward_weights
 
-    with warnings.catch_warnings():  # "args given while sys.argv also has arguments": intended here
-        warnings.simplefilter("ignore")
-        cli = RecpostCLI(RecModule, RecDataModule, subclass_mode_model=True, run=False, auto_configure_optimizers=False,
-                         args=[*config_args, "--trainer.logger=false"], save_config_callback=None)
-    dm = cli.datamodule
-    dm.prepare_data()
-    dm.setup("fit")
-    rewards = torch.cat([b["rewards"][b["target_items"] > 0].float() for b in dm.train_dataloader()])  # [N]
+    rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float32))  # [N]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bins = np.logspace(-4, 2, 61)
     for lam in lams:
         w = exp_reward_weights(rewards, lam)
         ess = float(effective_sample_size(w))
         ax.hist(w.clamp(bins[0], bins[-1]).numpy(), bins=bins, histtype="step", linewidth=1.5,
-                label=f"lam={lam:g} (ESS {ess:.0%})")
+                label=f"lambda={lam:g} (ESS {ess:.0%})")
     ax.set_xscale("log")
-    ax.set_xlabel("weight exp(r / lam) / mean")
+    ax.set_xlabel("weight exp(r / lambda) / mean weight (log scale)")
     ax.set_ylabel("training targets")
+    ax.set_title(f"ExpSFT weights of the {len(rewards):,} training targets", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def write_all(rows: list[dict], folder: Path) -> list[Path]:
-    """Every figure the result rows allow: metric vs lambda, and PPO / DPO training curves."""
+def write_all(rows: list[dict], folder: Path, curve_labels: Mapping[str, str] | None = None) -> list[Path]:
+    """Every figure the result rows allow: metric vs lambda, and PPO / DPO training curves
+    (``curve_labels``: each method's x-axis label, see :func:`training_curves`)."""
+    curve_labels = curve_labels or {}
     written = []
     for metric in ("test/ndcg@10", "test/ndcg@10_liked", "test/true_reward@10", "test/eval_rm_reward@10"):
         name = metric.split("/")[1].replace("@", "_at_")
         written.append(metric_vs_lambda(rows, metric, folder / f"{name}_vs_lambda.png"))
     for method in sorted({r["method"] for r in rows}):
-        written.append(training_curves(rows, method, folder / f"{method}_training_curves.png"))
+        written.append(training_curves(rows, method, folder / f"{method}_training_curves.png",
+                                       x_label=curve_labels.get(method)))
     return [p for p in written if p is not None]

@@ -1,4 +1,5 @@
-"""`recpost experiment`: stages, resume, results tables, bad configs."""
+"""`recpost experiment`: the plan and its commands, running it (resume, failures), results tables and
+their statistics, bad configs."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recpost.errors import RecpostError
-from recpost.experiment import experiment, load_study
+from recpost.experiment import build_plan, experiment, load_study, write_results
+from recpost.experiment.plan import EVALUATOR_SEED_OFFSET, CheckpointOf, evaluator_overrides, resolve, with_loggers
+from recpost.experiment.runner import Runner
+from recpost.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,17 +120,15 @@ def test_lambda_figure_is_written_from_result_rows(tmp_path):
 
 
 def test_best_validation_epoch_follows_the_monitor_mode(tmp_path):
-    from recpost.experiment import _best_val
+    from recpost.experiment import best_validation
 
     csv = tmp_path / "metrics.csv"
     csv.write_text("epoch,val/rmse,val/mae\n0,1.2,0.9\n1,1.0,0.8\n2,1.1,0.85\n")
-    assert _best_val(csv, "val/rmse", "min") == {"val/rmse": 1.0, "val/mae": 0.8}
-    assert _best_val(csv, "val/rmse", "max") == {"val/rmse": 1.2, "val/mae": 0.9}
+    assert best_validation(csv, "val/rmse", "min") == {"val/rmse": 1.0, "val/mae": 0.8}
+    assert best_validation(csv, "val/rmse", "max") == {"val/rmse": 1.2, "val/mae": 0.9}
 
 
 def test_choice_on_validation_follows_the_monitor_mode(tmp_path):
-    from recpost.experiment import write_results
-
     rows = [{"method": "m", "setting": {"lam": lam}, "seed": 0, "status": "ok", "val/rmse": v}
             for lam, v in ((1.0, 0.9), (2.0, 1.1))]
     write_results(rows, tmp_path, "val/rmse", "min")
@@ -134,7 +137,8 @@ def test_choice_on_validation_follows_the_monitor_mode(tmp_path):
 
 @pytest.mark.slow
 def test_rlhf_stages_use_the_reward_model(tmp_path, tiny_config, monkeypatch):
-    # W&B off here (each offline run costs seconds per stage); the W&B wiring is tested below
+    # W&B off here (each offline run costs seconds per stage); the W&B wiring is tested below. The
+    # evaluator RM's stages are checked on the plan and with a stand-in CLI (tests below), not fitted.
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cfg = tmp_path / "study.yaml"
     cfg.write_text(f"""
@@ -144,7 +148,6 @@ posttrain_epochs: 1
 reward_model:
   config: {ROOT / 'configs/method/reward_model.yaml'}
   epochs: 1
-  evaluator: true
 methods:
   ppo:
     overrides: ["--model.init_args.k=2"]
@@ -154,18 +157,17 @@ methods:
 """)
     out = experiment(str(cfg), output_dir=str(tmp_path / "out"))
     rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["reward_model", "eval_reward_model", "base", "ppo", "dpo"]
+    assert [r["method"] for r in rows] == ["reward_model", "base", "ppo", "dpo"]
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     rm = rows[0]
     assert {"test/rmse", "test/rmse_item_mean", "test/rmse_user_mean", "test/rmse_global_mean"} <= set(rm)
-    # every policy is scored by the independent evaluator RM; PPO and DPO also by their training RM
-    assert all("test/eval_rm_reward@10" in r for r in rows[2:])
-    assert all("val/rm_reward@10" in r and "test/rm_reward@10" in r for r in rows[3:])
+    # PPO and DPO are scored by their training RM
+    assert all("val/rm_reward@10" in r and "test/rm_reward@10" in r for r in rows[2:])
     ppo_cmd = json.loads((out / "seed0" / "ppo" / "kl_coef0.1" / "stage.json").read_text())["fit_command"]
     assert ppo_cmd[ppo_cmd.index("--model.init_args.reward_model") + 1] == json.loads(
         (out / "seed0" / "reward_model" / "stage.json").read_text())["checkpoint"]
     md = (out / "results.md").read_text()
-    assert "| reward_model | 1/1 |" in md and "| eval_reward_model | 1/1 |" in md
+    assert "| reward_model | 1/1 |" in md
     assert (out / "figures" / "ppo_training_curves.png").is_file()
     assert (out / "figures" / "dpo_training_curves.png").is_file()
     assert not (out / "seed0" / "ppo" / "kl_coef0.1" / "wandb").exists()  # WANDB_MODE=disabled: nothing written
@@ -174,7 +176,8 @@ methods:
 def test_wandb_is_offline_without_a_key_and_every_stage_gets_csv_then_wandb(tmp_path, tiny_config, monkeypatch):
     import yaml
 
-    from recpost.experiment import Runner, _logger_config, wandb_mode
+    from recpost.experiment import wandb_mode
+    from recpost.experiment.tracking import logger_config
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -191,10 +194,9 @@ def test_wandb_is_offline_without_a_key_and_every_stage_gets_csv_then_wandb(tmp_
     monkeypatch.delenv("WANDB_MODE")
     cfg_path = tmp_path / "study.yaml"
     cfg_path.write_text(f"name: tiny\npretrain_config: {tiny_config}\nmethods:\n  sft: {{}}\n")  # no wandb key: on
-    study = load_study(str(cfg_path))
-    runner = Runner(study, tmp_path / "out", total=1)
+    runner = Runner(build_plan(load_study(str(cfg_path)), tmp_path / "out"))
     assert runner.env["WANDB_MODE"] == "offline" and runner.wandb["group"] == "tiny"
-    cfg = yaml.safe_load(_logger_config(tmp_path / "loggers.yaml", tmp_path / "fit", runner.wandb, "tiny-seed-0-sft",
+    cfg = yaml.safe_load(logger_config(tmp_path / "loggers.yaml", tmp_path / "fit", runner.wandb, "tiny-seed-0-sft",
                                         "abc", "fit").read_text())
     csv_logger, wandb_logger = cfg["trainer"]["logger"]
     assert csv_logger["class_path"].endswith("CSVLogger") and wandb_logger["class_path"].endswith("WandbLogger")
@@ -241,7 +243,7 @@ def test_every_shipped_experiment_config_loads(path):
     study = load_study(str(path))
     assert study.methods and study.pretrain_config.is_file()
     assert {m.name for m in study.methods} >= {"sft", "exp_sft"}
-    if any(m.needs_reward_model for m in study.methods):
+    if any(m.needs_reward_model(s) for m in study.methods for s in m.settings()):
         assert study.reward_model is not None
 
 
@@ -252,3 +254,213 @@ def test_published_size_pretrain_configs_parse(name):
     out = recpost("fit", "--config", str(ROOT / "configs" / "pretrain" / f"{name}.yaml"), "--print_config")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "class_path: recpost.methods.SFT" in out.stdout
+
+
+# ----------------------------------------------------------------------------------- the plan
+def _rlhf_study(tmp_path: Path, tiny_config: Path, seeds: int = 1) -> Path:
+    """RM + evaluator RM, SFT, PPO over two KL strengths, DPO on RM pairs and on logged pairs."""
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"""
+name: tiny-plan
+pretrain_config: {tiny_config}
+posttrain_epochs: 1
+seeds: {seeds}
+wandb: false
+reward_model:
+  config: {ROOT / 'configs/method/reward_model.yaml'}
+  epochs: 1
+  evaluator: true
+methods:
+  sft: {{}}
+  ppo:
+    grid:
+      kl_coef: [0.1, 1.0]
+  dpo:
+    grid:
+      pair_source: [reward_model, logged]
+""")
+    return cfg
+
+
+def test_plan_lists_every_stage_in_row_order_with_its_checkpoint_placeholders(tmp_path, tiny_config):
+    plan = build_plan(load_study(str(_rlhf_study(tmp_path, tiny_config))), tmp_path / "out", seeds=2)
+    names = ["reward_model", "eval_reward_model", "base", "sft/default", "ppo/kl_coef0.1", "ppo/kl_coef1.0",
+             "dpo/pair_sourcereward_model", "dpo/pair_sourcelogged"]
+    assert [s.name for s in plan.stages] == [f"seed{seed}/{n}" for seed in range(2) for n in names]
+    stage = {s.name: s for s in plan.stages}
+    base = CheckpointOf("--model.init_args.init_from", "seed1/base")
+    rm = stage["seed1/reward_model"]
+    assert base in rm.fit_args and rm.needs == ("seed1/base",) and (rm.monitor, rm.mode) == ("val/rmse", "min")
+    # the evaluator: the RM's arguments with another seed and a bootstrap resample of the training users
+    ev = stage["seed1/eval_reward_model"]
+    assert ev.fit_args[ev.fit_args.index("--seed_everything") + 1] == str(1 + EVALUATOR_SEED_OFFSET)
+    assert list(ev.fit_args[-2:]) == evaluator_overrides(1) == [
+        "--data.train_users=bootstrap", f"--data.train_users_seed={1 + EVALUATOR_SEED_OFFSET}"]
+    # every policy is tested with the evaluator RM when it exists (optional: left out if it failed)
+    eval_arg = CheckpointOf("--model.init_args.eval_reward_model", "seed1/eval_reward_model", required=False)
+    assert all(s.test_args == (eval_arg,) for s in plan.stages[10:16])
+    # the training RM: required by PPO and by DPO on RM pairs, optional for DPO on logged pairs
+    assert stage["seed1/ppo/kl_coef0.1"].fit_args[-1] == CheckpointOf("--model.init_args.reward_model", "seed1/reward_model")
+    assert stage["seed1/dpo/pair_sourcelogged"].fit_args[-1].required is False
+    assert not any(isinstance(a, CheckpointOf) and "reward_model" in a.flag for a in stage["seed1/sft/default"].fit_args)
+
+
+def test_placeholders_resolve_to_checkpoints_and_optional_ones_drop_out(tmp_path, tiny_config):
+    plan = build_plan(load_study(str(_rlhf_study(tmp_path, tiny_config))), tmp_path / "out")
+    ppo = plan.stage("seed0/ppo/kl_coef0.1")
+    known = {"seed0/base": "/b.ckpt", "seed0/reward_model": "/rm.ckpt", "seed0/ppo/kl_coef0.1": "/ppo.ckpt"}
+    fit = resolve(ppo.fit_command, known)
+    assert fit[fit.index("--model.init_args.init_from") + 1] == "/b.ckpt" and fit[-3:-2] == ["/rm.ckpt"]
+    test = resolve(ppo.test_command, known)  # the evaluator RM has no checkpoint: its flag is left out
+    assert "--model.init_args.eval_reward_model" not in test and test[test.index("--ckpt_path") + 1] == "/ppo.ckpt"
+    assert ppo.missing({"seed0/base": "/b.ckpt"}) == ["seed0/reward_model"]
+    with pytest.raises(ValueError):
+        resolve(ppo.fit_args, {"seed0/base": "/b.ckpt"})
+
+
+def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, tiny_config, capsys):
+    out = tmp_path / "out"
+    experiment(str(_rlhf_study(tmp_path, tiny_config)), output_dir=str(out), dry_run=True)
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    assert printed.count("  recpost fit ") == printed.count("  recpost test ") == 8
+    assert "--model.init_args.init_from <best.ckpt of seed0/base>" in printed
+    assert "[--model.init_args.eval_reward_model <best.ckpt of seed0/eval_reward_model>]" in printed
+    assert "--data.train_users=bootstrap" in printed
+
+
+def test_cli_dry_run_flag(tmp_path, tiny_config):
+    from tests.helpers import recpost
+
+    out = recpost("experiment", "--config", str(_rlhf_study(tmp_path, tiny_config)), "--output_dir",
+                  str(tmp_path / "out"), "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[1/8] seed0/reward_model" in out.stdout and not (tmp_path / "out").exists()
+
+
+def test_a_method_class_that_needs_a_reward_model_is_refused_without_one_before_anything_runs(tmp_path, tiny_config):
+    # a PPO config without a reward_model key: the method class, not the YAML, says it needs one
+    ppo = tmp_path / "my_ppo.yaml"
+    ppo.write_text("model:\n  class_path: recpost.methods.PPO\n  init_args:\n    k: 2\n")
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"name: bad\npretrain_config: {tiny_config}\nmethods:\n  mine:\n    config: {ppo}\n")
+    with pytest.raises(RecpostError, match=re.escape("methods ['mine'] train against a reward model")):
+        experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    # DPO on logged pairs needs none
+    cfg.write_text(f"name: ok\npretrain_config: {tiny_config}\nmethods:\n  dpo:\n    grid:\n"
+                   "      pair_source: [logged]\n")
+    assert not load_study(str(cfg)).methods[0].needs_reward_model({"pair_source": "logged"})
+
+
+# ----------------------------------------------------------------------------------- running a plan
+def _stand_in_cli(calls: list[list[str]], fail_fit: set[Path] = frozenset()):
+    """Replaces ``Runner._recpost``: records the command and writes the files a real run writes."""
+
+    def run(self, args, log, watch=None, epochs=None, label=""):
+        calls.append(list(args))
+        root = Path(args[args.index("--trainer.default_root_dir") + 1])
+        if args[0] == "fit" and root.parent in fail_fit:
+            return 1
+        run = RunFolder(root / LOGS_DIR / f"{VERSION_PREFIX}{len(run_folders(root))}")
+        run.checkpoints.mkdir(parents=True)
+        if args[0] == "fit":
+            run.best_checkpoint.write_text("weights")
+            run.metrics_csv.write_text("epoch,step,val/ndcg@10,val/rmse\n0,1,0.1,0.9\n1,2,0.2,0.8\n")
+        else:
+            run.metrics_json("test").write_text(json.dumps({"test/ndcg@10": 0.15}))
+        return 0
+
+    return run
+
+
+def test_runner_runs_the_plans_commands_then_reuses_every_stage(tmp_path, tiny_config, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(Runner, "_recpost", _stand_in_cli(calls))
+    cfg, out = _rlhf_study(tmp_path, tiny_config), tmp_path / "out"
+    experiment(str(cfg), output_dir=str(out))
+    plan = build_plan(load_study(str(cfg)), out)
+    done = {s.name: json.loads((s.directory / "stage.json").read_text()) for s in plan.stages}
+    checkpoints = {name: d["checkpoint"] for name, d in done.items()}
+    # each command is the plan's, placeholders filled with the checkpoints of the stages they name
+    expected = [with_loggers(resolve(cmd, checkpoints), s.loggers(cmd[0]))
+                for s in plan.stages for cmd in (s.fit_command, s.test_command)]
+    assert sorted(calls) == sorted(expected)
+    assert calls[0][0] == "fit" and calls[0][-1] == str(plan.stage("seed0/base").loggers("fit"))  # needed first
+    assert all(d["fit_command"] == ["recpost", *resolve(plan.stage(n).fit_command, checkpoints)] for n, d in done.items())
+    ppo = done["seed0/ppo/kl_coef0.1"]["test_command"]
+    assert ppo[ppo.index("--model.init_args.eval_reward_model") + 1] == checkpoints["seed0/eval_reward_model"]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == [s.method for s in plan.stages] and {r["status"] for r in rows} == {"ok"}
+    calls.clear()
+    experiment(str(cfg), output_dir=str(out))
+    assert calls == []
+
+
+def test_a_failed_reward_model_fails_the_stages_that_need_it_and_only_those(tmp_path, tiny_config, monkeypatch):
+    calls: list[list[str]] = []
+    out = tmp_path / "out"
+    monkeypatch.setattr(Runner, "_recpost", _stand_in_cli(calls, fail_fit={out / "seed0" / "reward_model"}))
+    experiment(str(_rlhf_study(tmp_path, tiny_config)), output_dir=str(out))
+    rows = {(r["method"], json.dumps(r["setting"])): r for r in json.loads((out / "results.json").read_text())}
+    assert rows[("reward_model", "{}")]["status"] == "failed"
+    assert rows[("ppo", '{"kl_coef": 0.1}')]["error"] == "the reward model stage failed"
+    assert rows[("dpo", '{"pair_source": "reward_model"}')]["status"] == "failed"
+    logged = rows[("dpo", '{"pair_source": "logged"}')]  # runs without the RM it does not need
+    assert logged["status"] == "ok" and rows[("sft", "{}")]["status"] == "ok"
+    assert not any("--model.init_args.reward_model" in c for c in calls)
+
+
+# ----------------------------------------------------------------------------------- statistics
+def _per_user(values: list[float]) -> dict[int, dict[str, float]]:
+    return {u: {"ndcg@10": v} for u, v in enumerate(values)}
+
+
+def test_one_seed_gives_an_interval_but_no_significance_mark(tmp_path):
+    ref = np.random.default_rng(0).uniform(0.0, 0.2, 500)
+    rows = [{"method": m, "setting": {}, "seed": 0, "status": "ok", "val/ndcg@10": 0.1, "test/ndcg@10": 0.1}
+            for m in ("sft", "exp_sft")]
+    per_user = {("sft", "{}", 0): _per_user(list(ref)), ("exp_sft", "{}", 0): _per_user(list(ref + 0.1))}
+    write_results(rows, tmp_path, "val/ndcg@10", per_user=per_user)
+    md = (tmp_path / "results.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| exp_sft |"))
+    assert "+0.1000 [+0.1000, +0.1000]" in line and "*" not in line  # far from 0, yet one seed: no mark
+    assert "With one seed" in md
+
+
+def test_several_seeds_resample_seeds_as_well_as_users():
+    from recpost.experiment import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    ref = _per_user(list(rng.uniform(0.0, 0.2, 400)))
+    up = {u: {"ndcg@10": r["ndcg@10"] + 0.05 + rng.normal(0, 0.01)} for u, r in ref.items()}
+    down = {u: {"ndcg@10": r["ndcg@10"] - 0.03 + rng.normal(0, 0.01)} for u, r in ref.items()}
+    assert paired_bootstrap([(up, ref)], "ndcg@10")[1] > 0  # each seed alone excludes 0 ...
+    assert paired_bootstrap([(down, ref)], "ndcg@10")[2] < 0
+    mean, low, high = paired_bootstrap([(up, ref), (down, ref)], "ndcg@10")
+    assert mean == pytest.approx(0.01, abs=1e-3) and low < 0 < high  # ... the two together do not
+
+
+def test_two_seeds_that_agree_get_the_significance_mark(tmp_path):
+    ref = list(np.random.default_rng(0).uniform(0.0, 0.2, 500))
+    rows = [{"method": m, "setting": {}, "seed": s, "status": "ok", "val/ndcg@10": 0.1, "test/ndcg@10": 0.1}
+            for m in ("sft", "exp_sft") for s in (0, 1)]
+    per_user = {(m, "{}", s): _per_user([v + (0.05 + 0.01 * s if m == "exp_sft" else 0.0) for v in ref])
+                for m in ("sft", "exp_sft") for s in (0, 1)}
+    write_results(rows, tmp_path, "val/ndcg@10", per_user=per_user)
+    md = (tmp_path / "results.md").read_text()
+    assert next(x for x in md.splitlines() if x.startswith("| exp_sft |")).endswith(" * |")
+    assert "With one seed" not in md
+
+
+def test_the_reward_model_table_reports_how_alike_the_two_reward_models_err(tmp_path):
+    rng = np.random.default_rng(0)
+    shared, own = rng.normal(0, 1, 300), rng.normal(0, 1, 300)
+    rows = [{"method": m, "setting": {}, "seed": 0, "status": "ok", "test/rmse": 1.0}
+            for m in ("reward_model", "eval_reward_model")]
+    per_user = {("reward_model", "{}", 0): {u: {"err": e} for u, e in enumerate(shared)},
+                ("eval_reward_model", "{}", 0): {u: {"err": e} for u, e in enumerate(shared + own)}}
+    write_results(rows, tmp_path, "val/ndcg@10", per_user=per_user)
+    line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("Correlation"))
+    expected = np.corrcoef(shared, shared + own)[0, 1]  # ~0.71: half of the evaluator's error is its own
+    assert f"{expected:.3f}" in line

@@ -1,0 +1,54 @@
+"""``recpost experiment``: the whole study in one command.
+
+Per seed: pretrain (or reuse a given checkpoint) -> reward model (and, optionally, a second one,
+trained independently, as an evaluator) -> every post-training method over its grid -> test. Every
+stage is a normal ``recpost fit`` / ``recpost test`` run in its own folder under the output
+directory, with the exact commands in ``stage.json``, so any row can be re-run alone.
+
+The steps, one module each: :mod:`.study` reads and checks the config, :mod:`.plan` turns it into
+stages and their command lines, :mod:`.runner` runs them (reusing finished ones), :mod:`.report`
+writes the tables and figures; :mod:`.tracking` holds the W&B parts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recpost.experiment.plan import Plan, Stage, build_plan
+from recpost.experiment.report import Report, write_results
+from recpost.experiment.runner import Runner, best_validation, check_output_dir, claim_output_dir
+from recpost.experiment.stats import paired_bootstrap
+from recpost.experiment.study import DEFAULT_CONFIG, MethodSpec, RewardModelSpec, Study, load_study
+from recpost.experiment.tracking import log_results, wandb_mode
+
+__all__ = ["DEFAULT_CONFIG", "MethodSpec", "Plan", "RewardModelSpec", "Runner", "Stage", "Study", "best_validation",
+           "build_plan", "experiment", "load_study", "paired_bootstrap", "wandb_mode", "write_results"]
+
+
+def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seeds: int | None = None,
+               dry_run: bool = False) -> Path:
+    """Run the whole study of an experiment config and write its results tables and figures.
+
+    Args:
+        config: experiment YAML (``configs/experiments/<name>.yaml``).
+        output_dir: where stages and results go (default ``runs/experiments/<name>``).
+        seeds: number of seeds (0..N-1); overrides the config's ``seeds``.
+        dry_run: print every stage with its commands (``--dry-run``) and run nothing.
+    """
+    study = load_study(config)
+    plan = build_plan(study, Path(output_dir or f"runs/experiments/{study.name}"), seeds)
+    check_output_dir(plan)
+    if dry_run:
+        print(plan.describe(), flush=True)
+        return plan.out
+    claim_output_dir(plan)
+    report = Report(plan)
+    with Runner(plan) as runner:
+        for stage, result in runner.run():
+            report.add(stage, result)
+            report.write()
+        report.finish()
+        if runner.wandb is not None:
+            log_results(runner.wandb, runner.wandb_mode, study.name, plan.out, runner.say)
+    print(f"results: {plan.out / 'results.md'}", flush=True)
+    return plan.out

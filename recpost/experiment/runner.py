@@ -1,0 +1,260 @@
+"""Runs a plan: each stage as ``python -m recpost`` subprocesses in its own folder, finished ones reused.
+
+A stage's ``stage.json`` records its commands, its key (a hash of the resolved fit arguments and the
+contents of every config file they name) and its result. A stage whose record says ``ok`` for the
+same key and test key is reused, so an interrupted experiment resumes; one whose fit key still matches
+but whose test arguments changed (a new evaluator RM) only re-runs the test. Loggers are no part of
+either key. Placeholders are resolved here: a stage's needed checkpoints are fitted before it, and a
+stage whose required checkpoint is missing (that stage failed) is recorded as failed without running.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from recpost.errors import RecpostError
+from recpost.experiment.plan import Plan, Stage, resolve, with_loggers
+from recpost.experiment.tracking import logger_config, wandb_mode, wandb_settings
+from recpost.runs import latest_run, run_folders
+
+MARKER = "stage.json"
+# Kept from a finished fit when only the test is re-run.
+FIT_FIELDS = ("key", "fit_command", "checkpoint", "fit_seconds", "metrics_csv")
+
+
+def stage_key(args: list[str]) -> str:
+    """Hash of the command and the contents of every config file it reads (edits invalidate)."""
+    h = hashlib.sha256(json.dumps(args).encode())
+    for flag, value in zip(args, args[1:]):
+        if flag == "--config" and Path(value).is_file():
+            h.update(Path(value).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def best_validation(metrics_csv: Path, monitor: str, mode: str = "max") -> dict[str, float]:
+    """All ``val/`` metrics of the epoch with the best monitored value (highest, or lowest for ``min``)."""
+    with metrics_csv.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get(monitor)]
+    if not rows:
+        raise RecpostError(f"{metrics_csv} has no {monitor}")
+    best = (max if mode == "max" else min)(rows, key=lambda r: float(r[monitor]))
+    return {k: float(v) for k, v in best.items() if k.startswith("val/") and v != ""}
+
+
+def check_output_dir(plan: Plan) -> None:
+    """Refuse a folder that holds another experiment's stages (their keys would never match)."""
+    owner = plan.out / "experiment.json"
+    if owner.is_file() and json.loads(owner.read_text()).get("name") != plan.study.name:
+        raise RecpostError(f"{plan.out} holds results of another experiment ({owner}); choose another --output_dir")
+
+
+def claim_output_dir(plan: Plan) -> None:
+    check_output_dir(plan)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    _write_json(plan.out / "experiment.json", {"name": plan.study.name, "config": str(plan.study.path)})
+
+
+class Runner:
+    """Runs a plan's stages as ``python -m recpost`` subprocesses, with a rich progress display and W&B loggers."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        mode, message = wandb_mode() if plan.study.wandb is not None else ("disabled", None)
+        self.wandb_mode = mode
+        self.wandb = wandb_settings(plan.study, mode)
+        if message:
+            _say(message)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true",
+                    **({"WANDB_MODE": mode} if self.wandb else {})}
+        self.progress = None
+        self.overall = None
+        self._checkpoints: dict[str, str | None] = {}  # stage name -> its usable best checkpoint (None: none)
+        self._fitted_first: dict[str, dict] = {}  # results of stages fitted early for a later stage
+
+    def __enter__(self) -> Runner:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        if console.is_terminal:  # a live display only where someone watches; logs get the summary lines
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+            self.progress.start()
+            self.overall = self.progress.add_task(f"experiment {self.plan.study.name}", total=len(self.plan.stages))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(msg, highlight=False, soft_wrap=True)
+        else:
+            _say(msg)
+
+    def run(self) -> Iterator[tuple[Stage, dict]]:
+        """Each stage of the plan, in order, with its result (what its ``stage.json`` holds).
+
+        A stage's checkpoint is usable by later stages once its fit succeeded; for a stage that nothing
+        needed before its own turn, once its test succeeded too (a reward model that cannot even be
+        tested is not trained against).
+        """
+        for stage in self.plan.stages:
+            for name in stage.needs:
+                self._fit_first(name)
+            early = self._fitted_first.get(stage.name)
+            if early is not None and early["status"] == "failed":
+                result = early
+            elif missing := stage.missing(self._checkpoints):
+                result = self._not_run(stage, missing)
+            else:
+                result = self._run(stage)
+            self._checkpoints.setdefault(stage.name, result.get("checkpoint") if result["status"] == "ok" else None)
+            if self.progress is not None:
+                self.progress.advance(self.overall)
+            yield stage, result
+
+    def _fit_first(self, name: str) -> None:
+        """Fit the stage ``name`` (only fit) unless its checkpoint is known already."""
+        if name in self._checkpoints:
+            return
+        stage = self.plan.stage(name)
+        for needed in stage.fit_needs:
+            self._fit_first(needed)
+        if missing := stage.missing(self._checkpoints, fit_only=True):
+            result = self._not_run(stage, missing)
+        else:
+            result = self._run(stage, test=False)
+        self._fitted_first[name] = result
+        self._checkpoints[name] = result.get("checkpoint") if result["status"] != "failed" else None
+
+    def _not_run(self, stage: Stage, missing: list[str]) -> dict:
+        """The result of a stage that cannot run: a checkpoint it requires does not exist."""
+        result = {"status": "failed", "error": f"the {self.plan.stage(missing[0]).method.replace('_', ' ')} stage failed"}
+        self.say(f"{stage.label}: failed ({result['error']})")
+        return result
+
+    def _run(self, stage: Stage, test: bool = True) -> dict:
+        """fit + test in ``stage.directory``; reuse a finished stage with the same command.
+
+        ``test=False`` only fits (a stage whose checkpoint a later stage needs before its own turn).
+        """
+        fit_args = resolve(stage.fit_args, self._checkpoints)
+        key = stage_key(fit_args)
+        marker = stage.directory / MARKER
+        done = json.loads(marker.read_text()) if marker.is_file() else {}
+        fitted = done.get("key") == key and done.get("checkpoint") and Path(done["checkpoint"]).is_file()
+        if not test and fitted:
+            return {**{k: v for k, v in done.items() if k in FIT_FIELDS}, "status": "fitted"}
+        test_key = stage_key([*fit_args, "--test", *resolve(stage.test_args, self._checkpoints)])
+        if test and done.get("key") == key and done.get("status") == "ok" and done.get("test_key") == test_key:
+            return done
+        stage.directory.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        run_name = f"{self.plan.study.name}-{stage.label.replace(' ', '-')}"
+        run_id = hashlib.sha256(f"{self.plan.out.resolve()}:{stage.directory}:{key}".encode()).hexdigest()[:12]
+        if fitted:
+            result = {k: v for k, v in done.items() if k in FIT_FIELDS}
+            result["fit_metrics"] = done.get("fit_metrics") or {
+                k: v for k, v in done.get("metrics", {}).items() if k.startswith("val/")}
+        else:
+            command = resolve(stage.fit_command, self._checkpoints)
+            loggers = logger_config(stage.loggers("fit"), stage.fit_root, self.wandb, run_name, run_id, "fit")
+            result = {"key": key, "fit_command": ["recpost", *command]}
+            code = self._recpost(with_loggers(command, loggers), stage.log("fit"), stage.fit_root, stage.epochs,
+                                 stage.label)
+            if code != 0:
+                return self._finish(stage, {**result, "status": "failed",
+                                            "error": f"fit exited {code}; see {stage.log('fit')}"}, started)
+            run = latest_run(stage.fit_root)
+            result["checkpoint"] = str(run.best_checkpoint)
+            result["fit_metrics"] = best_validation(run.metrics_csv, stage.monitor, stage.mode)
+            result["metrics_csv"] = str(run.metrics_csv)
+            result["fit_seconds"] = round(time.time() - started, 1)
+            if not test:
+                result["status"] = "fitted"
+                _write_json(marker, result)
+                return result
+        command = resolve(stage.test_command, {**self._checkpoints, stage.name: result["checkpoint"]})
+        loggers = logger_config(stage.loggers("test"), stage.test_root, self.wandb, run_name, run_id, "fit")
+        result.update(test_key=test_key, test_command=["recpost", *command])
+        code = self._recpost(with_loggers(command, loggers), stage.log("test"), label=f"{stage.label} test")
+        if code != 0:
+            return self._finish(stage, {**result, "status": "failed",
+                                        "error": f"test exited {code}; see {stage.log('test')}"}, started)
+        run = latest_run(stage.test_root)
+        metrics = json.loads(run.metrics_json("test").read_text())
+        result.update(status="ok", metrics={**result["fit_metrics"], **metrics},
+                      per_user=str(run.per_user_csv) if run.per_user_csv.is_file() else None)
+        return self._finish(stage, result, started)
+
+    def _finish(self, stage: Stage, result: dict, started: float) -> dict:
+        result["seconds"] = round(time.time() - started, 1)
+        runs = run_folders(stage.fit_root)
+        result.setdefault("metrics_csv", str(runs[-1].metrics_csv) if runs else None)
+        _write_json(stage.directory / MARKER, result)
+        self.say(f"{stage.label}: {result['status']} {summary(result, stage.monitor)}")
+        return result
+
+    def _recpost(self, args: list[str], log: Path, watch: Path | None = None, epochs: int | None = None,
+                 label: str = "") -> int:
+        """Run ``recpost <args>`` with output into ``log``; while it runs, advance the stage's bar by
+        the validation epochs found under ``watch`` (the fit's root folder)."""
+        task = None
+        if self.progress is not None:
+            task = self.progress.add_task(f"  {label}", total=epochs)
+        with log.open("w") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "recpost", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                    env=self.env)
+            while proc.poll() is None:
+                time.sleep(0.5)
+                if task is not None and watch is not None:
+                    self.progress.update(task, completed=_epochs_done(watch))
+        if task is not None:
+            self.progress.remove_task(task)
+        return proc.returncode
+
+
+def summary(result: dict, monitor: str) -> str:
+    """The one line printed when a stage finishes: its error, or its main metrics and duration."""
+    if "error" in result:
+        return result["error"]
+    metrics = result.get("metrics", {})
+    keys = dict.fromkeys((monitor, "val/rmse", "test/ndcg@10", "test/rmse", "test/true_reward@10"))  # ordered, unique
+    parts = [f"{k}={metrics[k]:.4f}" for k in keys if k in metrics]
+    return " ".join(parts) + f" ({result.get('seconds', 0)} s)"
+
+
+def _epochs_done(fit_root: Path) -> int:
+    try:
+        text = latest_run(fit_root).metrics_csv.read_text()
+    except (RecpostError, OSError):
+        return 0
+    lines = text.splitlines()
+    if not lines:
+        return 0
+    header = lines[0].split(",")
+    if "epoch" not in header:
+        return 0
+    col = header.index("epoch")
+    return len({line.split(",")[col] for line in lines[1:] if len(line.split(",")) > col})
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write ``obj`` to a temporary file and rename it: an interrupted write never leaves half a record."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
