@@ -31,6 +31,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from recpost.checkpoint import save_checkpoint
 from recpost.data import MovieLens, RecDataModule
 from recpost.methods import DPO, PPO, SFT, ExpSFT, RewardModel
 from recpost.models import BackboneConfig
@@ -87,7 +88,7 @@ def sft_step_flops(batch: dict[str, torch.Tensor], backbone: BackboneConfig, n_i
     """
     B, L = batch["input_items"].shape
     d = backbone.d_model
-    n_targets = int((batch["target_items"] > 0).sum())
+    n_targets = int((batch["next_items"] > 0).sum())
     dense = 2 * B * L * (4 + 2 * backbone.ff_mult) * d * d
     attention = 2 * 2 * B * L * L * d
     logits = 2 * n_targets * d * (n_items + 1)
@@ -106,7 +107,7 @@ def matmul_flops_per_second(
     """
     B, L = batch["input_items"].shape
     d, h, ff = backbone.d_model, backbone.n_heads, backbone.ff_mult * backbone.d_model
-    n_targets = int((batch["target_items"] > 0).sum())
+    n_targets = int((batch["next_items"] > 0).sum())
     x, hidden = torch.randn(B * L, d), torch.randn(B * L, ff)  # [B*L, d], [B*L, ff*d]
     q, k = torch.randn(B * h, L, d // h), torch.randn(B * h, d // h, L)  # per head
     att = torch.randn(B * h, L, L)
@@ -154,14 +155,12 @@ def _method_steps(dm: RecDataModule, common: dict, workdir: Path) -> dict[str, _
     """SFT, ExpSFT, DPO and PPO modules from the same initial weights (config defaults for each)."""
     torch.manual_seed(0)
     rm = RewardModel(**common)
-    d = dm.data
-    rm.init_biases_from(d.item, d.rating, d.offsets)
-    rm_path = workdir / "reward_model.ckpt"
-    torch.save({"state_dict": rm.state_dict(), "hyper_parameters": dict(rm.hparams)}, rm_path)
+    train = dm.training_interactions()
+    rm.init_biases(train.item, train.rating)
+    rm_path = save_checkpoint(rm, workdir / "reward_model.ckpt")
     torch.manual_seed(0)
     sft = SFT(**common)
-    pre_path = workdir / "policy.ckpt"
-    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}, pre_path)
+    pre_path = save_checkpoint(sft, workdir / "policy.ckpt")
     post = dict(common, init_from=str(pre_path))
     return {
         "sft": _Step(sft),
@@ -247,7 +246,7 @@ def bench(
             t / s for t, s in zip(times[name], times["sft"])
         )
 
-    n_targets = [int((b["target_items"] > 0).sum()) for b in batches]
+    n_targets = [int((b["next_items"] > 0).sum()) for b in batches]
     figures["train/samples_per_second"] = statistics.median(n / s for n, s in zip(n_targets, times["sft"]))
     achieved = statistics.median(sft_step_flops(b, backbone, dm.n_items) / s for b, s in zip(batches, times["sft"]))
     peak = matmul_flops_per_second(batches[0], backbone, dm.n_items)

@@ -4,9 +4,9 @@
 ``data.item_map_hash`` and ``data.max_len`` are linked into the model. Configs compose left to
 right after the subcommand: ``recpost fit --config data.yaml --config method.yaml --trainer.max_epochs 5``.
 
-Every run writes into ``<trainer.default_root_dir>/lightning_logs/version_N/``: ``config.yaml``,
-``metrics.csv``, ``checkpoints/best.ckpt`` (best ``val/ndcg@10``) for ``fit``, and
-``val_metrics.json`` / ``test_metrics.json`` for ``validate`` / ``test``.
+Every run writes into its own folder under ``trainer.default_root_dir`` (the layout is
+``recpost.runs.RunFolder``): ``config.yaml``, ``metrics.csv``, ``checkpoints/best.ckpt`` (best
+``val/ndcg@10``) for ``fit``, and ``val_metrics.json`` / ``test_metrics.json`` for ``validate`` / ``test``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from recpost.data import RecDataModule
 from recpost.errors import RecpostError
 from recpost.methods import RecModule
+from recpost.runs import BEST_CHECKPOINT, RunFolder
 
 DEFAULT_ROOT_DIR = "runs"
 MONITOR = "val/ndcg@10"
@@ -44,7 +45,7 @@ class MetricsWriter(L.Callback):
         if not trainer.is_global_zero or not metrics:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / f"{stage}_metrics.json"
+        path = RunFolder(log_dir).metrics_json(stage)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2))
         os.replace(tmp, path)
@@ -67,7 +68,7 @@ class MetricsWriter(L.Callback):
             return
         names = list(rows)
         columns = [rows[n].double().cpu().tolist() if n != "user_index" else rows[n].cpu().tolist() for n in names]
-        path = log_dir / "test_per_user.csv"
+        path = RunFolder(log_dir).per_user_csv
         tmp = path.with_suffix(".csv.tmp")
         with tmp.open("w") as fh:
             fh.write(",".join(names) + "\n")
@@ -107,7 +108,7 @@ class PredictionWriter(BasePredictionWriter):
         item_ids = dm.original_item_ids(items.numpy())
         k = items.shape[1]
         log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / "predictions.csv"
+        path = RunFolder(log_dir).predictions_csv
         tmp = path.with_suffix(".csv.tmp")
         with tmp.open("w") as fh:
             fh.write("user_id,rank,item_id,score\n")
@@ -129,7 +130,7 @@ class RecpostCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.monitor": MONITOR,
             "checkpoint.mode": "max",
-            "checkpoint.filename": "best",
+            "checkpoint.filename": BEST_CHECKPOINT,
             "checkpoint.auto_insert_metric_name": False,
             "trainer.default_root_dir": DEFAULT_ROOT_DIR,
         })
@@ -196,6 +197,8 @@ def run_function_cli(name: str, args: list[str]) -> None:
 
     if name == "experiment":
         from recpost.experiment import experiment as fn
+
+        args = ["--dry_run=true" if a == "--dry-run" else a for a in args]  # also as users spell a flag
     else:
         from recpost.bench import bench as fn
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recpost.checkpoint import save_checkpoint
 from recpost.data import RecDataModule, Table
 from recpost.methods import SFT, RewardModel
 from recpost.models import BackboneConfig
 from recpost.runs import RunFolder, latest_run
 
 __all__ = [
-    "TINY_BACKBONE", "TINY_CONFIG", "RunFolder", "assert_same_loss_and_gradients", "build", "last_metrics", "latest_run",
+    "TINY_BACKBONE", "TINY_CONFIG", "RunFolder", "assert_same_loss_and_gradients", "build", "init_reward_biases", "last_metrics", "latest_run",
     "metrics_rows", "pretrained_checkpoint",
     "recpost", "reward_model_checkpoint", "save_checkpoint", "tiny_datamodule", "write_tiny_config",
     "write_tiny_interactions",
@@ -94,10 +95,11 @@ def build(cls, dm: RecDataModule, seed: int = 0, **kw):
     return cls(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=dm.max_len, backbone=TINY_BACKBONE, **kw)
 
 
-def save_checkpoint(module, path: Path) -> Path:
-    """What Lightning's checkpoint holds for ``init_from`` / ``reward_model``: weights and hyperparameters."""
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
+def init_reward_biases(rm: RewardModel, dm: RecDataModule) -> RewardModel:
+    """Start ``rm``'s head at the baseline predictor of ``dm``'s training ratings (what fit does first)."""
+    train = dm.training_interactions()
+    rm.init_biases(train.item, train.rating, train.weight)
+    return rm
 
 
 def pretrained_checkpoint(dm: RecDataModule, path: Path) -> Path:
@@ -107,11 +109,10 @@ def pretrained_checkpoint(dm: RecDataModule, path: Path) -> Path:
 def reward_model_checkpoint(dm: RecDataModule, path: Path, steps: int = 3, seed: int = 0) -> Path:
     """A RewardModel started at the baseline predictor and trained a few steps on the tiny data."""
     rm = build(RewardModel, dm, seed=seed)
-    d = dm.data
-    rm.init_biases_from(d.item, d.rating, d.offsets)
+    init_reward_biases(rm, dm)
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-2)
     for i in range(steps):
-        loss, _ = rm.training_loss(dm._collate_train(list(range(32 * i, 32 * i + 32))))
+        loss, _ = rm.training_loss(dm.train_batch(list(range(32 * i, 32 * i + 32))))
         opt.zero_grad()
         loss.backward()
         opt.step()

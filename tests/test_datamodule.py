@@ -148,14 +148,14 @@ def test_eval_input_keeps_the_newest_max_len_items_and_history_keeps_all(tmp_pat
 def test_training_windows_never_contain_a_validation_or_test_target(tmp_path):
     dm, seqs = make_datamodule(tmp_path)
     held_out = {i for seq in seqs for i, _ in seq[-2:]}
-    seen = {i for batch in train_batches(dm) for key in ("input_items", "target_items") for i in batch[key].flatten().tolist()}
+    seen = {i for batch in train_batches(dm) for key in ("input_items", "next_items") for i in batch[key].flatten().tolist()}
     assert seen - {0} <= set(training_items(seqs))
     assert not seen & held_out
 
 
 def test_every_training_target_appears_exactly_once_per_epoch(tmp_path):
     dm, seqs = make_datamodule(tmp_path)
-    targets = [i for batch in train_batches(dm) for i in batch["target_items"].flatten().tolist() if i]
+    targets = [i for batch in train_batches(dm) for i in batch["next_items"].flatten().tolist() if i]
     assert len(targets) == sum(len(seq) - 2 - 1 for seq in seqs)
     assert sorted(targets) == sorted(i for seq in seqs for i, _ in seq[1:-2])
 
@@ -164,8 +164,8 @@ def test_training_target_is_the_next_item_after_its_input(tmp_path):
     dm, seqs = make_datamodule(tmp_path)
     where = position(seqs)
     for batch in train_batches(dm):
-        has_target = batch["target_items"] > 0
-        for i, t in zip(batch["input_items"][has_target].tolist(), batch["target_items"][has_target].tolist()):
+        has_target = batch["next_items"] > 0
+        for i, t in zip(batch["input_items"][has_target].tolist(), batch["next_items"][has_target].tolist()):
             user, k = where[i]
             assert where[t] == (user, k + 1)
 
@@ -174,34 +174,74 @@ def test_training_windows_are_left_padded_with_the_newest_item_last(tmp_path):
     dm, seqs = make_datamodule(tmp_path)
     where = position(seqs)
     for batch in train_batches(dm):
-        for row, targets in zip(batch["input_items"].tolist(), batch["target_items"].tolist()):
+        for row, targets in zip(batch["input_items"].tolist(), batch["next_items"].tolist()):
             n_pad = row.index(next(i for i in row if i))
             assert row[:n_pad] == [0] * n_pad and 0 not in row[n_pad:]
             ks = [where[i][1] for i in row[n_pad:]] + [where[targets[-1]][1]]
             assert ks == list(range(ks[0], ks[0] + len(ks)))  # consecutive, oldest first, newest last
 
 
+def test_earlier_items_are_the_users_items_before_the_window(tmp_path):
+    dm, seqs = make_datamodule(tmp_path)
+    where = position(seqs)
+    windows_after_the_start = 0
+    for batch in train_batches(dm):
+        for row, earlier in zip(batch["input_items"].tolist(), batch["earlier_items"].tolist()):
+            first = next(i for i in row if i)
+            user, k = where[first]
+            assert nonzero(torch.tensor(earlier)) == [i for i, _ in seqs[user][:k]]
+            windows_after_the_start += k > 0
+    assert windows_after_the_start  # the 25-item user has windows that start after their first item
+
+
+def test_a_bootstrap_resample_repeats_each_users_windows_by_their_count(tmp_path):
+    dm, seqs = make_datamodule(tmp_path, train_users="bootstrap", train_users_seed=3)
+    counts = dm.train_user_weights()
+    assert counts.sum() == len(seqs) and (counts != 1).any()
+    (tmp_path / "all").mkdir()
+    everyone, _ = make_datamodule(tmp_path / "all")
+    where = position(seqs)
+    per_user = np.zeros(len(seqs), dtype=int)
+    for batch in train_batches(dm):
+        for i in batch["next_items"].flatten().tolist():
+            if i:
+                per_user[where[i][0]] += 1
+    assert per_user.tolist() == [c * (len(seq) - 3) for c, seq in zip(counts, seqs)]
+    assert everyone.train_user_weights().tolist() == [1] * len(seqs)
+    # evaluation always covers every user once
+    assert sorted(u for u, _, _ in eval_rows(dm, "test")) == list(range(len(seqs)))
+
+
+def test_training_interactions_are_every_users_sequence_but_the_last_two(tmp_path):
+    dm, seqs = make_datamodule(tmp_path)
+    train = dm.training_interactions()
+    assert train.item.tolist() == training_items(seqs)
+    assert train.rating.tolist() == [r for seq in seqs for _, r in seq[:-2]]
+    assert train.user.tolist() == [u for u, seq in enumerate(seqs) for _ in seq[:-2]]
+    assert (train.weight == 1).all()
+
+
 def test_target_items_are_zero_exactly_where_there_is_no_target(tmp_path):
     dm, _ = make_datamodule(tmp_path)
     for batch in train_batches(dm):
-        no_target = batch["target_items"] == 0
+        no_target = batch["next_items"] == 0
         assert torch.equal(no_target, batch["input_items"] == 0)
-        assert not batch["target_ratings"][no_target].any() and not batch["rewards"][no_target].any()
+        assert not batch["next_ratings"][no_target].any() and not batch["next_rewards"][no_target].any()
 
 
 def test_target_ratings_are_the_ratings_of_the_target_items(tmp_path):
     dm, seqs = make_datamodule(tmp_path)
     rating = dict(i_r for seq in seqs for i_r in seq)
     for batch in train_batches(dm):
-        has_target = batch["target_items"] > 0
-        assert batch["target_ratings"][has_target].tolist() == [rating[i] for i in batch["target_items"][has_target].tolist()]
+        has_target = batch["next_items"] > 0
+        assert batch["next_ratings"][has_target].tolist() == [rating[i] for i in batch["next_items"][has_target].tolist()]
 
 
 # ----------------------------------------------------------------------------------- rewards
 def rewards_and_ratings(dm: RecDataModule) -> tuple[np.ndarray, np.ndarray]:
     batches = train_batches(dm)
-    rewards = np.concatenate([b["rewards"][b["target_items"] > 0].numpy() for b in batches])
-    ratings = np.concatenate([b["target_ratings"][b["target_items"] > 0].numpy() for b in batches])
+    rewards = np.concatenate([b["next_rewards"][b["next_items"] > 0].numpy() for b in batches])
+    ratings = np.concatenate([b["next_ratings"][b["next_items"] > 0].numpy() for b in batches])
     return rewards, ratings
 
 

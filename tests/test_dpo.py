@@ -50,7 +50,7 @@ def test_ipo_loss_matches_hand_computed_values():
 @pytest.mark.parametrize("pair_source", ["reward_model", "logged"])
 def test_policy_equal_to_reference_gives_log_2_and_zero_margins(rlhf_setup, pair_source):
     dpo = _dpo(rlhf_setup, pair_source=pair_source)
-    loss, logs = dpo.training_loss(rlhf_setup[0]._collate_train(list(range(32))))
+    loss, logs = dpo.training_loss(rlhf_setup[0].train_batch(list(range(32))))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert logs["rewards/margins"].item() == 0.0 and logs["rewards/chosen"].item() == 0.0
     assert 0 < logs["pairs/kept"].item() <= 1
@@ -82,17 +82,29 @@ def test_logged_pairs_never_use_an_item_of_the_states_history():
 
 def test_reward_model_pairs_are_ranked_by_the_reward_model(rlhf_setup):
     dpo = _dpo(rlhf_setup)
-    batch = rlhf_setup[0]._collate_train(list(range(32)))
+    batch = rlhf_setup[0].train_batch(list(range(32)))
     states, chosen, rejected = dpo._pairs(batch)
     rewards = dpo._frozen["reward_model"].rewards_at(batch["input_items"], batch["input_ratings"], states)
     rows = torch.arange(len(chosen))
     assert len(chosen) > 0 and (rewards[rows, chosen] > rewards[rows, rejected]).all()
 
 
+@pytest.mark.parametrize("pair_source", ["reward_model", "logged"])
+def test_pairs_never_use_an_item_the_user_had_before_the_window(rlhf_setup, pair_source):
+    dm = rlhf_setup[0]
+    dpo = _dpo(rlhf_setup, pair_source=pair_source)
+    batch = dm.train_batch(list(range(len(dm.train_windows()[0]))))
+    states, chosen, rejected = dpo._pairs(batch)
+    earlier = batch["earlier_items"][states.nonzero()[:, 0]]  # [P, H]
+    assert len(chosen) and (batch["earlier_items"] > 0).any()
+    for items in (chosen, rejected):
+        assert not (earlier == items[:, None]).any()
+
+
 def test_a_few_updates_separate_chosen_from_rejected(rlhf_setup):
     dpo = _dpo(rlhf_setup, beta=0.5, pair_source="logged")
     opt = torch.optim.AdamW(dpo.parameters(), lr=0.02)
-    batch = rlhf_setup[0]._collate_train(list(range(64)))
+    batch = rlhf_setup[0].train_batch(list(range(64)))
     for _ in range(5):
         loss, logs = dpo.training_loss(batch)
         opt.zero_grad()

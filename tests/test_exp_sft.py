@@ -63,12 +63,12 @@ def test_effective_sample_size_is_one_for_equal_weights_and_one_over_n_for_a_sin
 
 
 def test_lambda_to_infinity_matches_sft(datamodule):
-    batch = datamodule._collate_train(list(range(32)))
+    batch = datamodule.train_batch(list(range(32)))
     assert_same_loss_and_gradients(_module(SFT, datamodule), _module(ExpSFT, datamodule, lam=1e8), batch)
 
 
 def test_small_lambda_changes_the_gradient(datamodule):
-    batch = datamodule._collate_train(list(range(32)))
+    batch = datamodule.train_batch(list(range(32)))
     sft, exp = _module(SFT, datamodule), _module(ExpSFT, datamodule, lam=0.5)
     sft.training_loss(batch)[0].backward()
     exp.training_loss(batch)[0].backward()
@@ -79,7 +79,7 @@ def test_lambda_1e_minus_3_trains_without_overflow(datamodule):
     module = _module(ExpSFT, datamodule, lam=1e-3)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
     for i in range(5):
-        loss, logs = module.training_loss(datamodule._collate_train(list(range(i * 16, i * 16 + 16))))
+        loss, logs = module.training_loss(datamodule.train_batch(list(range(i * 16, i * 16 + 16))))
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in logs.values())
         opt.zero_grad()
         loss.backward()
@@ -93,8 +93,8 @@ def test_non_positive_lambda_is_rejected(datamodule, lam):
 
 
 def test_nan_rewards_are_rejected(datamodule):
-    batch = datamodule._collate_train(list(range(8)))
-    batch["rewards"][batch["target_items"] > 0] = float("nan")
+    batch = datamodule.train_batch(list(range(8)))
+    batch["next_rewards"][batch["next_items"] > 0] = float("nan")
     with pytest.raises(RecpostError, match="NaN"):
         _module(ExpSFT, datamodule).training_loss(batch)
 
@@ -138,11 +138,11 @@ def test_init_from_another_architecture_is_rejected(datamodule, tmp_path):
 
 
 def test_diagnostics_report_weights_ess_and_the_liked_share(datamodule):
-    batch = datamodule._collate_train(list(range(32)))
+    batch = datamodule.train_batch(list(range(32)))
     _, logs = _module(ExpSFT, datamodule, lam=0.5).training_loss(batch)
     assert logs["weight_min"] <= logs["weight_mean"] <= logs["weight_max"]
     assert logs["weight_mean"].item() == pytest.approx(1.0, rel=1e-5)
     assert 0 < logs["ess"] <= 1
     # with lam=0.5, liked targets (4-5 stars) carry far more than their share of the count
-    liked = batch["target_liked"][batch["target_items"] > 0].float().mean()
+    liked = batch["next_liked"][batch["next_items"] > 0].float().mean()
     assert logs["liked_loss_share"] > liked

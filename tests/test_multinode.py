@@ -128,6 +128,6 @@ def test_two_torchrun_nodes_train_one_model_and_write_one_checkpoint(tiny_config
     assert weights_hash(state) == ranks[0]["weights_sha256"]
 
     # Evaluation over both nodes counted every one of the 101 users exactly once.
-    header, *rows = (versions[0] / "metrics.csv").read_text().splitlines()
+    header, *rows = versions[0].metrics_csv.read_text().splitlines()
     column = header.split(",").index("val/n_users")
     assert [float(row.split(",")[column]) for row in rows if row.split(",")[column]] == [101.0]

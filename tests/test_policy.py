@@ -10,17 +10,17 @@ from torch import nn
 
 from recpost.errors import RecpostError
 from recpost.methods.policy import (
-    disable_dropout,
     entropy,
     exact_kl,
-    frozen_copy,
     kl_k1,
     kl_k3,
     masked_log_probs,
     prefix_history_mask,
     sample_items,
+    state_history_mask,
     top_k_reward,
 )
+from recpost.models import disable_dropout, frozen_copy
 
 # p and q over items 1..3 (column 0 is padding): KL(p || q) = 0.5 ln 2 + 0 + 0.25 ln 0.5 = 0.25 ln 2.
 P = torch.tensor([[0.0, 0.5, 0.25, 0.25]])
@@ -29,6 +29,18 @@ Q = torch.tensor([[0.0, 0.25, 0.25, 0.5]])
 
 def _log(p: torch.Tensor) -> torch.Tensor:
     return p.log()  # log 0 = -inf: the padding column is outside the support
+
+
+def test_state_history_mask_adds_the_items_before_the_window_to_every_state():
+    items = torch.tensor([[0, 2, 3], [4, 1, 2]])  # [2, 3] windows
+    earlier = torch.tensor([[5, 1], [0, 0]])  # row 0 had items 5 and 1 before its window; row 1 nothing
+    states = torch.tensor([[False, True, True], [True, False, False]])
+    mask = state_history_mask(items, states, n_items=5, earlier=earlier)  # [3, 6]
+    assert mask.tolist() == [
+        [True, True, True, False, False, True],  # (0, 1): padding, 2, and the earlier 5 and 1
+        [True, True, True, True, False, True],  # (0, 2): also 3
+        [True, False, False, False, True, False],  # (1, 0): only 4
+    ]
 
 
 def test_prefix_history_mask_marks_the_items_had_up_to_each_position():

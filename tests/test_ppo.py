@@ -10,7 +10,7 @@ import torch
 
 from recpost.errors import RecpostError
 from recpost.methods import PPO
-from recpost.methods.policy import prefix_history_mask
+from recpost.methods.policy import state_history_mask
 from recpost.methods.ppo import clipped_surrogate, group_advantages
 from tests.helpers import (
     build,
@@ -49,7 +49,7 @@ def test_clipped_surrogate_matches_hand_computed_values():
 
 def test_first_minibatch_of_a_rollout_has_ratio_exactly_one(rlhf_setup):
     ppo = _ppo(rlhf_setup, num_minibatches=2)
-    batch = rlhf_setup[0]._collate_train(list(range(32)))
+    batch = rlhf_setup[0].train_batch(list(range(32)))
     roll = ppo.rollout(batch)
     first = ppo._minibatches(len(roll.states), shuffle=False, device=roll.states.device)[0]
     _, stats, ratio = ppo.minibatch_loss(batch, roll, first)
@@ -59,7 +59,7 @@ def test_first_minibatch_of_a_rollout_has_ratio_exactly_one(rlhf_setup):
 
 def test_the_policy_starts_at_the_reference(rlhf_setup):
     ppo = _ppo(rlhf_setup)
-    roll = ppo.rollout(rlhf_setup[0]._collate_train(list(range(32))))
+    roll = ppo.rollout(rlhf_setup[0].train_batch(list(range(32))))
     assert roll.stats["objective/kl"].item() == 0.0
     assert roll.stats["objective/entropy"].item() > 0
     assert torch.isfinite(roll.advantages).all() and roll.actions.min() > 0
@@ -67,10 +67,23 @@ def test_the_policy_starts_at_the_reference(rlhf_setup):
 
 def test_sampled_items_are_never_in_the_states_history(rlhf_setup):
     ppo = _ppo(rlhf_setup, k=6)
-    batch = rlhf_setup[0]._collate_train(list(range(64)))
+    batch = rlhf_setup[0].train_batch(list(range(64)))
     roll = ppo.rollout(batch)
-    seen = prefix_history_mask(batch["input_items"], ppo.hparams.n_items)[roll.states]  # [N, V + 1]
+    seen = state_history_mask(batch["input_items"], roll.states, ppo.hparams.n_items, batch["earlier_items"])  # [N, V + 1]
     assert not seen.gather(1, roll.actions).any()
+
+
+def test_items_the_user_had_before_the_window_have_probability_zero_at_every_state(rlhf_setup):
+    # A window of a long sequence starts after the user's first items: those are part of every state's
+    # history (evaluation masks them too), so the policy must never sample or pair them.
+    dm = rlhf_setup[0]
+    ppo = _ppo(rlhf_setup)
+    batch = dm.train_batch(list(range(len(dm.train_windows()[0]))))
+    assert (batch["earlier_items"] > 0).any()
+    states = ppo.states(batch)
+    logp, _ = ppo.log_probs(batch, states)  # [N, V + 1]
+    earlier = batch["earlier_items"][states.nonzero()[:, 0]]  # [N, H]
+    assert torch.isinf(logp.gather(1, earlier)).all()
 
 
 def test_sampled_kl_estimators_are_subtracted_from_the_rm_reward(rlhf_setup):
@@ -78,11 +91,9 @@ def test_sampled_kl_estimators_are_subtracted_from_the_rm_reward(rlhf_setup):
     ppo = _ppo(rlhf_setup, kl_estimator="k1", kl_coef=0.5)
     with torch.no_grad():  # move the policy away from the reference so the penalty is not zero
         ppo.backbone.item_emb.weight.mul_(3.0)
-    batch = rlhf_setup[0]._collate_train(list(range(32)))
+    batch = rlhf_setup[0].train_batch(list(range(32)))
     roll = ppo.rollout(batch)
-    ref = ppo._frozen["reference"]
-    rows = torch.arange(32)
-    ref_logp, _ = ppo._log_probs(batch, rows, roll.states, ref)
+    ref_logp, _ = ppo.log_probs(batch, roll.states, reference=True)
     rm_reward = ppo._frozen["reward_model"].rewards_at(batch["input_items"], batch["input_ratings"], roll.states)
     expected = rm_reward.gather(1, roll.actions) - 0.5 * (roll.logp_old - ref_logp.gather(1, roll.actions))
     assert torch.allclose(roll.returns, expected, atol=1e-5)
@@ -93,7 +104,7 @@ def test_exact_kl_term_pulls_the_policy_back_to_the_reference(rlhf_setup):
     ppo = _ppo(rlhf_setup, kl_coef=1.0)
     with torch.no_grad():
         ppo.backbone.item_emb.weight.mul_(3.0)
-    batch = rlhf_setup[0]._collate_train(list(range(32)))
+    batch = rlhf_setup[0].train_batch(list(range(32)))
     roll = ppo.rollout(batch)
     roll.advantages.zero_()  # only the KL term remains
     loss, _, _ = ppo.minibatch_loss(batch, roll, torch.arange(32))
@@ -102,7 +113,7 @@ def test_exact_kl_term_pulls_the_policy_back_to_the_reference(rlhf_setup):
 
 def test_value_baseline_starts_at_the_mean_reward(rlhf_setup):
     ppo = _ppo(rlhf_setup, baseline="value", k=1)
-    batch = rlhf_setup[0]._collate_train(list(range(32)))
+    batch = rlhf_setup[0].train_batch(list(range(32)))
     roll = ppo.rollout(batch)
     assert roll.values is not None and torch.allclose(roll.values, roll.returns.mean().expand_as(roll.values))
     loss, stats, _ = ppo.minibatch_loss(batch, roll, torch.arange(32))
@@ -120,13 +131,13 @@ def test_adaptive_kl_controller_raises_the_coefficient_above_target(rlhf_setup):
 def test_updates_raise_the_expected_rm_reward(rlhf_setup):
     torch.manual_seed(0)
     ppo = _ppo(rlhf_setup, kl_coef=0.0, k=8, lr=0.05)
-    batch = rlhf_setup[0]._collate_train(list(range(64)))
+    batch = rlhf_setup[0].train_batch(list(range(64)))
     rm = ppo._frozen["reward_model"]
 
     def expected_reward() -> float:
         with torch.no_grad():
-            logp, _ = ppo._log_probs(batch, torch.arange(64), batch["target_items"] > 0)
-            rewards = rm.rewards_at(batch["input_items"], batch["input_ratings"], batch["target_items"] > 0)
+            logp, _ = ppo.log_probs(batch, batch["next_items"] > 0)
+            rewards = rm.rewards_at(batch["input_items"], batch["input_ratings"], batch["next_items"] > 0)
             return (logp.exp() * rewards.masked_fill(torch.isinf(logp), 0.0)).sum(1).mean().item()
 
     before = expected_reward()
@@ -138,6 +149,23 @@ def test_updates_raise_the_expected_rm_reward(rlhf_setup):
         loss.backward()
         opt.step()
     assert expected_reward() > before + 0.01
+
+
+@pytest.mark.parametrize("limit", [{"max_steps": 12, "max_epochs": 100}, {"max_epochs": 2}])
+def test_a_cosine_schedule_ends_at_zero_after_the_last_optimiser_step(rlhf_setup, limit):
+    # Each rollout takes ppo_epochs x num_minibatches optimiser steps: the schedule is sized and stepped
+    # in optimiser steps, whether max_steps (which counts optimiser steps) or max_epochs ends the fit.
+    import lightning as L
+
+    dm = rlhf_setup[0]
+    ppo = _ppo(rlhf_setup, lr_schedule="cosine", ppo_epochs=2, num_minibatches=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, **limit)
+    trainer.fit(ppo, datamodule=dm)
+    n_batches = math.ceil(len(dm.train_windows()[0]) / dm.batch_size)
+    expected = limit.get("max_steps", n_batches * limit["max_epochs"] * 4)
+    assert trainer.global_step == expected
+    assert ppo.lr_schedulers().get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_reference_and_reward_model_are_frozen_unsaved_and_follow_device_moves(rlhf_setup):

@@ -15,7 +15,7 @@ from recpost.methods.losses import exp_weighted_cross_entropy
 from recpost.methods.policy import exact_kl, state_log_probs, state_positions
 from recpost.models import BackboneConfig
 from tests.helpers import write_tiny_interactions
-from tests.helpers import build, last_metrics, pretrained_checkpoint, reward_model_checkpoint, tiny_datamodule
+from tests.helpers import build, init_reward_biases, last_metrics, pretrained_checkpoint, reward_model_checkpoint, tiny_datamodule
 from tests.helpers import latest_run, recpost
 
 METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
@@ -43,8 +43,8 @@ def test_scores_and_exp_sft_loss_are_fp32_under_cpu_autocast(tmp_path):
     m = ExpSFT(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=8, lam=1e-3,
                backbone=BackboneConfig(d_model=16, n_layers=1, n_heads=2))
     with _bf16():
-        loss, logs = m.training_loss(dm._collate_train(list(range(16))))
-        scores = m.catalog_scores(dm._collate_eval(list(range(4)), "val"))
+        loss, logs = m.training_loss(dm.train_batch(list(range(16))))
+        scores = m.catalog_scores(dm.eval_batch(list(range(4)), "val"))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert scores.dtype == torch.float32
     # fp32 scores keep distinct values (bf16 would collapse many of them)
@@ -56,7 +56,7 @@ def test_scores_and_exp_sft_loss_are_fp32_under_cpu_autocast(tmp_path):
 def tiny(rlhf_setup):
     """(datamodule, pretrained checkpoint, reward-model checkpoint, a training batch)."""
     dm, pre, rm = rlhf_setup
-    return dm, pre, rm, dm._collate_train(list(range(32)))
+    return dm, pre, rm, dm.train_batch(list(range(32)))
 
 
 def test_sft_loss_is_fp32_under_cpu_autocast(tiny):
@@ -81,13 +81,11 @@ def test_exp_sft_weights_and_cross_entropy_are_fp32_under_cpu_autocast(tiny):
 
 def test_reward_model_loss_and_predictions_are_fp32_under_cpu_autocast(tiny):
     dm, _, _, batch = tiny
-    rm = build(RewardModel, dm)
-    d = dm.data
-    rm.init_biases_from(d.item, d.rating, d.offsets)
+    rm = init_reward_biases(build(RewardModel, dm), dm)
     with _bf16():
         loss, logs = rm.training_loss(batch)
         catalog = rm.predict_rewards(batch["input_items"], batch["input_ratings"])
-        at_states = rm.rewards_at(batch["input_items"], batch["input_ratings"], batch["target_items"] > 0)
+        at_states = rm.rating_model.rewards_at(batch["input_items"], batch["input_ratings"], batch["next_items"] > 0)
     assert _fp32_and_finite(loss, logs["rmse"], catalog[:, 1:], at_states[:, 1:])
 
 

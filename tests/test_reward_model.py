@@ -11,12 +11,14 @@ import pytest
 import torch
 import yaml
 
+from recpost.checkpoint import load_reward_model
 from recpost.data import RecDataModule, Table
 from recpost.errors import RecpostError
 from recpost.methods import SFT, RewardModel
-from recpost.methods.reward_model import load_reward_model, rating_baselines
+from recpost.methods.reward_model import rating_baselines
 from tests.helpers import (
     build,
+    init_reward_biases,
     last_metrics,
     pretrained_checkpoint,
     recpost,
@@ -58,8 +60,9 @@ def _validate_and_test(tmp_path: Path) -> tuple[dict, dict]:
 def test_rating_baselines_match_a_hand_computed_table():
     item = np.array([1, 2, 3, 4, 1, 3, 2, 4])  # the TABLE above with a=1, b=2, c=3, d=4
     rating = np.array([5.0, 3, 4, 2, 1, 4, 5, 3])
-    offsets = np.array([0, 4, 8])
-    global_mean, item_mean, user_mean = rating_baselines(item, rating, offsets, n_items=4)
+    user = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    train = np.array([True, True, False, False, True, True, False, False])  # the last two of each user are held out
+    global_mean, item_mean, user_mean = rating_baselines(item[train], rating[train], user[train], n_items=4, n_users=2)
     assert global_mean == 3.25
     assert item_mean[1:].tolist() == [3.0, 3.0, 4.0, 3.25]
     assert user_mean.tolist() == [4.0, 2.5]
@@ -76,6 +79,15 @@ def test_baseline_errors_are_logged_next_to_the_models_own(tmp_path):
     assert {"val/rmse", "val/mae", "val/ndcg@10"} <= set(val)
 
 
+def test_the_models_mean_signed_error_is_logged_as_bias(tmp_path):
+    # The untrained head (all biases 0, user weight 1) predicts the shrunk mean of the history's ratings:
+    # u0 (a 5, b 3) -> 8 / (2 + 5) for c (4 stars); u1 (a 1, c 4) -> 5 / 7 for b (5 stars).
+    val, _ = _validate_and_test(tmp_path)
+    errors = [8 / 7 - 4, 5 / 7 - 5]
+    assert val["val/bias"] == pytest.approx(sum(errors) / 2, rel=1e-5)
+    assert val["val/rmse"] == pytest.approx(math.sqrt(sum(e * e for e in errors) / 2), rel=1e-5)
+
+
 def test_regression_loss_on_a_known_case():
     rm = RewardModel(n_items=4, max_len=4, prior_count=0.0)
     with torch.no_grad():
@@ -83,7 +95,7 @@ def test_regression_loss_on_a_known_case():
         rm.head.item_bias[1] = 1.0
     batch = {
         "input_items": torch.tensor([[0, 3, 1]]), "input_ratings": torch.tensor([[0.0, 4.0, 5.0]]),
-        "target_items": torch.tensor([[0, 1, 2]]), "target_ratings": torch.tensor([[0.0, 5.0, 2.0]]),
+        "next_items": torch.tensor([[0, 1, 2]]), "next_ratings": torch.tensor([[0.0, 5.0, 2.0]]),
     }
     # user deviation m_t (prior 0): after item 3 (4 stars, predicted 3): 1; after item 1 (5, predicted 4): (1 + 1) / 2
     # predictions: 3 + 1 + 1 = 5 for item 1 (rated 5), 3 + 0 + 1 = 4 for item 2 (rated 2) -> MSE (0 + 4) / 2
@@ -96,10 +108,9 @@ def test_regression_loss_on_a_known_case():
 
 
 def test_the_untrained_head_predicts_the_shrunk_item_mean(datamodule):
-    rm = build(RewardModel, datamodule, prior_count=5.0)
-    d = datamodule.data
-    rm.init_biases_from(d.item, d.rating, d.offsets)
-    global_mean, _, _ = rating_baselines(d.item, d.rating, d.offsets, d.n_items)
+    rm = init_reward_biases(build(RewardModel, datamodule, prior_count=5.0), datamodule)
+    train = datamodule.training_interactions()
+    global_mean, _, _ = rating_baselines(train.item, train.rating, train.user, datamodule.n_items, datamodule.data.n_users)
     items = torch.tensor([[0, 0, 0]])  # empty history: no user deviation
     pred = rm.predict_rewards(items, torch.zeros(1, 3))[0]
     assert rm.head.bias.item() == pytest.approx(global_mean, rel=1e-6)
@@ -108,7 +119,7 @@ def test_the_untrained_head_predicts_the_shrunk_item_mean(datamodule):
 
 def test_catalog_and_candidate_predictions_agree(datamodule):
     rm = build(RewardModel, datamodule).eval()
-    batch = datamodule._collate_eval(list(range(8)), "val")
+    batch = datamodule.eval_batch(list(range(8)), "val")
     full = rm.predict_rewards(batch["input_items"], batch["input_ratings"])  # [8, V + 1]
     cand = torch.randint(1, datamodule.n_items + 1, (8, 5))
     assert torch.allclose(rm.predict_rewards(batch["input_items"], batch["input_ratings"], cand), full.gather(1, cand), atol=1e-5)
@@ -144,7 +155,7 @@ def test_eval_reward_model_adds_its_mean_score_of_the_top_10(datamodule, tmp_pat
     sft = build(SFT, datamodule, eval_reward_model=str(ckpt)).eval()
     assert sft.extra_metric_names() == ("eval_rm_reward@10",)
     assert not any(k.startswith("_frozen") or "eval_reward" in k for k in sft.state_dict())
-    batch = datamodule._collate_eval(list(range(16)), "val")
+    batch = datamodule.eval_batch(list(range(16)), "val")
     with torch.no_grad():
         scores = sft.catalog_scores(batch)
         value = sft.extra_metrics(batch, scores)["eval_rm_reward@10"]

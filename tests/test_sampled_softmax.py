@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from recpost.data import RecDataModule, Simulator
+from recpost.data.simulator import WorldConfig
 from recpost.errors import RecpostError
 from recpost.evaluation import CatalogRanking, RankingMetrics, mask_items, rank_in_chunks
 from recpost.methods import SFT, ExpSFT, RewardModel
@@ -19,7 +20,7 @@ from recpost.methods.losses import (
     sample_negatives,
     sampled_softmax_cross_entropy,
 )
-from tests.helpers import build, reward_model_checkpoint, tiny_datamodule
+from tests.helpers import build, init_reward_biases, reward_model_checkpoint, tiny_datamodule
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def datamodule(tmp_path: Path) -> RecDataModule:
 
 def _eval_batches(dm: RecDataModule, split: str = "val", size: int = 24) -> list[dict[str, torch.Tensor]]:
     n = dm.data.n_users
-    return [dm._collate_eval(list(range(s, min(s + size, n))), split) for s in range(0, n, size)]
+    return [dm.eval_batch(list(range(s, min(s + size, n))), split) for s in range(0, n, size)]
 
 
 def _evaluate(module, batches, chunk: int | None, truth=None) -> dict[str, float]:
@@ -84,7 +85,7 @@ def test_uniform_sampler_never_draws_padding_and_has_constant_log_q():
 
 @pytest.mark.parametrize("sampler", ["uniform", "popularity"])
 def test_as_many_negatives_as_items_is_exactly_the_full_softmax(datamodule, sampler):
-    batch = datamodule._collate_train(list(range(32)))
+    batch = datamodule.train_batch(list(range(32)))
     full = build(SFT, datamodule)
     every_item = build(SFT, datamodule, softmax="sampled", num_negatives=datamodule.n_items, negative_sampler=sampler)
     assert not every_item.sampled
@@ -96,7 +97,7 @@ def test_as_many_negatives_as_items_is_exactly_the_full_softmax(datamodule, samp
 
 
 def test_sampled_softmax_loss_is_finite_and_differs_from_the_full_one(datamodule):
-    batch = datamodule._collate_train(list(range(32)))
+    batch = datamodule.train_batch(list(range(32)))
     full, sampled = build(SFT, datamodule).eval(), build(SFT, datamodule, softmax="sampled", num_negatives=8).eval()
     full, sampled = full.training_loss(batch)[0], sampled.training_loss(batch)[0]
     assert torch.isfinite(sampled) and sampled < full  # 9 candidates instead of 40 items
@@ -105,14 +106,14 @@ def test_sampled_softmax_loss_is_finite_and_differs_from_the_full_one(datamodule
 def test_lambda_to_infinity_matches_sft_under_the_same_sampled_softmax(datamodule):
     from tests.helpers import assert_same_loss_and_gradients
 
-    batch = datamodule._collate_train(list(range(32)))
+    batch = datamodule.train_batch(list(range(32)))
     sft = build(SFT, datamodule, softmax="sampled", num_negatives=8)
     exp = build(ExpSFT, datamodule, softmax="sampled", num_negatives=8, lam=1e8)
     assert_same_loss_and_gradients(sft, exp, batch, seed=123)  # the same negatives for both
 
 
 def test_exp_sft_weights_multiply_the_sampled_cross_entropy(datamodule):
-    batch = datamodule._collate_train(list(range(32)))
+    batch = datamodule.train_batch(list(range(32)))
     module = build(ExpSFT, datamodule, lam=0.5, softmax="sampled", num_negatives=8)
     torch.manual_seed(7)
     ce, rewards = module.next_item_cross_entropy(batch)
@@ -125,8 +126,8 @@ def test_exp_sft_weights_multiply_the_sampled_cross_entropy(datamodule):
 def test_sampled_loss_stays_fp32_under_cpu_bf16_autocast(datamodule):
     module = build(ExpSFT, datamodule, lam=1e-3, softmax="sampled", num_negatives=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ce, _ = module.next_item_cross_entropy(datamodule._collate_train(list(range(16))))
-        loss, _ = module.training_loss(datamodule._collate_train(list(range(16))))
+        ce, _ = module.next_item_cross_entropy(datamodule.train_batch(list(range(16))))
+        loss, _ = module.training_loss(datamodule.train_batch(list(range(16))))
     assert ce.dtype == torch.float32 and loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -144,7 +145,7 @@ def test_popularity_counts_come_from_the_training_interactions_at_fit_start(data
 def test_popularity_sampler_without_counts_is_one_clear_error(datamodule):
     module = build(SFT, datamodule, softmax="sampled", num_negatives=8, negative_sampler="popularity")
     with pytest.raises(RecpostError, match="no item counts yet.*set_item_counts"):
-        module.training_loss(datamodule._collate_train(list(range(8))))
+        module.training_loss(datamodule.train_batch(list(range(8))))
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5])
@@ -154,18 +155,18 @@ def test_num_negatives_below_one_or_not_an_integer_is_rejected(datamodule, value
 
 
 def test_an_unknown_negative_sampler_is_rejected(datamodule):
-    with pytest.raises(RecpostError, match="model.negative_sampler must be 'uniform' or 'popularity' .got 'zipf'"):
+    with pytest.raises(RecpostError, match="model.negative_sampler must be one of uniform, popularity .got 'zipf'"):
         build(ExpSFT, datamodule, softmax="sampled", negative_sampler="zipf")
 
 
 def test_an_unknown_softmax_is_rejected(datamodule):
-    with pytest.raises(RecpostError, match="model.softmax must be 'full' or 'sampled'"):
+    with pytest.raises(RecpostError, match="model.softmax must be one of full, sampled"):
         build(SFT, datamodule, softmax="hierarchical")
 
 
 @pytest.mark.parametrize("value", [0, -1])
 def test_a_score_chunk_size_below_one_is_rejected(datamodule, value):
-    with pytest.raises(RecpostError, match="model.score_chunk_size must be >= 1"):
+    with pytest.raises(RecpostError, match="model.score_chunk_size must be an integer >= 1"):
         build(SFT, datamodule, score_chunk_size=value)
 
 
@@ -224,8 +225,7 @@ def test_chunked_evaluation_metrics_equal_the_unchunked_ones(datamodule, tmp_pat
 
 def test_chunked_reward_model_ranking_equals_its_whole_catalog_scores(datamodule):
     rm = build(RewardModel, datamodule).eval()
-    d = datamodule.data
-    rm.init_biases_from(d.item, d.rating, d.offsets)
+    init_reward_biases(rm, datamodule)
     rm.hparams.score_chunk_size = 9
     for batch in _eval_batches(datamodule, "test"):
         with torch.no_grad():
@@ -236,7 +236,7 @@ def test_chunked_reward_model_ranking_equals_its_whole_catalog_scores(datamodule
 
 def test_chunked_prediction_equals_the_unchunked_one(datamodule):
     module = build(SFT, datamodule).eval()
-    batch = datamodule._collate_eval(list(range(20)), "predict")
+    batch = datamodule.eval_batch(list(range(20)), "predict")
     with torch.no_grad():
         whole = module.predict_step(batch, 0, k=5)
         module.hparams.score_chunk_size = 6
@@ -248,8 +248,8 @@ def test_chunked_prediction_equals_the_unchunked_one(datamodule):
 
 
 def test_chunked_evaluation_keeps_the_simulator_ground_truth_metrics(tmp_path):
-    dm = RecDataModule(Simulator(n_users=60, n_items=80, min_seq_len=5, max_seq_len=9, seed=0), max_len=8,
-                       eval_batch_size=32, cache_dir=str(tmp_path / "cache"))
+    sim = Simulator(WorldConfig(n_users=60, n_items=80, seed=0), min_seq_len=5, max_seq_len=9)
+    dm = RecDataModule(sim, max_len=8, eval_batch_size=32, cache_dir=str(tmp_path / "cache"))
     module = build(SFT, dm).eval()
     batches = _eval_batches(dm, size=32)
     whole = _evaluate(module, batches, None, dm.ground_truth)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recpost.data import Amazon, MovieLens, RecDataModule, Table
-from recpost.data.sources import validate_interactions
+from recpost.data.validation import validate_interactions
 from recpost.errors import RecpostError
 
 ROOT = Path(__file__).resolve().parents[1]

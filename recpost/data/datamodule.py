@@ -5,13 +5,20 @@ validation target, the rest the training sequence. Validation histories stop bef
 target; test histories include it (it happened before the test target) but never the test target.
 Nothing of a target - id, rating or timestamp - enters the model's input.
 
-Batches are built in the collate function from index arrays with numpy fancy indexing (one gather
-per batch, no per-row Python), left-padded with item 0 so the newest item is always last.
+Batches (``recpost.batch``: keys, shapes) are built by ``train_batch`` / ``eval_batch`` from index
+arrays with numpy fancy indexing (one gather per batch, no per-row Python), left-padded with item 0
+so the newest item is always last.
+
+The split rule lives here and only here (``HELD_OUT``); what other layers need of it is exposed as
+methods: ``training_interactions`` (the reward model's bias initialisation and rating baselines),
+``train_item_counts`` (the popularity sampler), ``train_target_rewards`` (the weight figures).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -21,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from recpost.batch import EvalBatch, TrainBatch
 from recpost.data.interactions import Interactions, PreprocessOptions, build_cache, load_cache
 from recpost.data.sources import Source
 from recpost.errors import RecpostError
@@ -28,7 +36,21 @@ from recpost.errors import RecpostError
 log = logging.getLogger(__name__)
 
 # Evaluation split names -> how many trailing interactions are held out after the history.
-_HELD_OUT = {"val": 2, "test": 1, "predict": 0}
+HELD_OUT = {"val": 2, "test": 1, "predict": 0}
+
+
+@dataclass(frozen=True)
+class TrainingInteractions:
+    """The training part of every user's sequence (no validation or test target), flat, user-major.
+
+    ``weight`` is how many times the user's windows are trained on per epoch: 1, or the user's count
+    in a bootstrap resample (``data.train_users: bootstrap``).
+    """
+
+    item: np.ndarray  # [N] int64, 1..n_items
+    rating: np.ndarray  # [N] float32
+    user: np.ndarray  # [N] int64, 0..n_users - 1
+    weight: np.ndarray  # [N] float64
 
 
 class _IndexDataset(Dataset):
@@ -72,6 +94,11 @@ class RecDataModule(L.LightningDataModule):
             ``centered`` (rating minus the training mean) or ``minmax`` (mapped to [0, 1] over the
             source's rating range). Exp-weighted SFT's ``lam`` is on this scale.
         liked_threshold: targets with rating >= this count as liked (``*_liked`` metrics).
+        train_users: ``all`` users' training windows, or a ``bootstrap`` resample of the users (drawn with
+            replacement; a user drawn twice has their windows twice per epoch). Evaluation always uses
+            every user. The experiment's evaluator reward model trains on a bootstrap resample, so its
+            errors are not a copy of the training reward model's.
+        train_users_seed: seed of the bootstrap resample.
         num_workers: DataLoader workers (batches are gathered vectorised; 0 is usually fastest).
         cache_dir: where the preprocessed interactions live; default ``$RECPOST_CACHE_DIR`` or
             ``~/.cache/recpost/cache``.
@@ -88,6 +115,8 @@ class RecDataModule(L.LightningDataModule):
         keep_repeats: bool = False,
         reward_transform: Literal["identity", "centered", "minmax"] = "identity",
         liked_threshold: float = 4.0,
+        train_users: Literal["all", "bootstrap"] = "all",
+        train_users_seed: int = 0,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -104,6 +133,8 @@ class RecDataModule(L.LightningDataModule):
             raise RecpostError(
                 f"data.reward_transform must be 'identity', 'centered' or 'minmax' (got {reward_transform!r})"
             )
+        if train_users not in ("all", "bootstrap"):
+            raise RecpostError(f"data.train_users must be 'all' or 'bootstrap' (got {train_users!r})")
         self.source = source
         self.max_len = max_len
         self.batch_size = batch_size
@@ -111,6 +142,8 @@ class RecDataModule(L.LightningDataModule):
         self.options = PreprocessOptions(min_interactions=min_interactions, duplicates=duplicates, keep_repeats=keep_repeats)
         self.reward_transform = reward_transform
         self.liked_threshold = liked_threshold
+        self.train_users = train_users
+        self.train_users_seed = train_users_seed
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._data: Interactions | None = None
@@ -174,11 +207,31 @@ class RecDataModule(L.LightningDataModule):
     def _in_train(self) -> np.ndarray:
         """``[n_interactions]`` bool: the interaction is in a training sequence (not a validation or test target)."""
         d = self.data
-        starts, ends = d.offsets[:-1], d.offsets[1:] - _HELD_OUT["val"]
+        starts, ends = d.offsets[:-1], d.offsets[1:] - HELD_OUT["val"]
         mask = np.zeros(len(d.item) + 1, dtype=np.int64)
         np.add.at(mask, starts, 1)
         np.add.at(mask, ends, -1)
         return np.cumsum(mask)[:-1] > 0
+
+    def train_user_weights(self) -> np.ndarray:
+        """``[n_users]``: how many times each user's training windows are used per epoch (1 each, or the
+        user's count in the bootstrap resample of ``train_users: bootstrap``)."""
+        n_users = self.data.n_users
+        if self.train_users == "all":
+            return np.ones(n_users, dtype=np.int64)
+        drawn = np.random.default_rng(self.train_users_seed).integers(0, n_users, size=n_users)
+        return np.bincount(drawn, minlength=n_users)
+
+    def training_interactions(self) -> TrainingInteractions:
+        """Every user's training interactions (validation and test targets excluded), with the user's
+        weight in training (see ``train_user_weights``)."""
+        d = self.data
+        in_train = self._in_train()
+        user = np.repeat(np.arange(d.n_users), np.diff(d.offsets))[in_train]
+        return TrainingInteractions(
+            item=d.item[in_train], rating=d.rating[in_train], user=user,
+            weight=self.train_user_weights()[user].astype(np.float64),
+        )
 
     def train_item_counts(self) -> np.ndarray:
         """How often each item occurs in the training interactions ``[n_items + 1]`` (index 0, padding: 0).
@@ -203,16 +256,20 @@ class RecDataModule(L.LightningDataModule):
 
         A user's training sequence ``[s, e)`` yields ``e - s - 1`` next-item targets, cut from the end
         into windows of ``max_len`` targets; consecutive windows share one item (the older window's
-        last target is the newer window's first input), so every target is used exactly once.
+        last target is the newer window's first input), so every target is used exactly once. With
+        ``train_users: bootstrap`` a user's windows are repeated by the user's count in the resample.
         """
         if self._windows is None:
             d = self.data
             start = d.offsets[:-1]
-            end = d.offsets[1:] - _HELD_OUT["val"]
+            end = d.offsets[1:] - HELD_OUT["val"]
             n_targets = end - start - 1
             n_win = np.where(n_targets > 0, -(-n_targets // self.max_len), 0)
+            n_win = n_win * self.train_user_weights()
             user = np.repeat(np.arange(d.n_users), n_win)
             k = np.arange(n_win.sum()) - np.repeat(np.cumsum(n_win) - n_win, n_win)  # window index within user
+            if self.train_users == "bootstrap":  # a user drawn c times: windows 0..w-1, c times over
+                k = k % np.maximum(-(-n_targets // self.max_len), 1)[user]
             w_end = end[user] - k * self.max_len
             w_start = np.maximum(start[user], w_end - self.max_len - 1)
             self._windows = (w_start, w_end)
@@ -220,9 +277,11 @@ class RecDataModule(L.LightningDataModule):
                 raise RecpostError(f"{self.source.name}: no training targets (every user has < 2 training interactions)")
         return self._windows
 
-    def _collate_train(self, idx: list[int]) -> dict[str, torch.Tensor]:
+    def train_batch(self, windows: Sequence[int]) -> TrainBatch:
+        """The training batch of the given window indices (rows of ``train_windows``); see ``TrainBatch``."""
         d = self.data
         w_start, w_end = self.train_windows()
+        idx = np.asarray(windows, dtype=np.int64)
         s, e = w_start[idx], w_end[idx]
         width = int((e - s).max())  # items incl. the last target; inputs are width - 1
         items = _gather_left_padded(d.item, s, e, width)  # [B, W]
@@ -231,53 +290,56 @@ class RecDataModule(L.LightningDataModule):
         targets = np.where(inputs > 0, targets, 0)  # the first item of a window is input only
         target_ratings = np.where(targets > 0, ratings[:, 1:], 0.0)
         rewards = np.where(targets > 0, self.rewards(target_ratings), 0.0)  # no reward without a target
+        user_start = d.offsets[np.searchsorted(d.offsets, s, side="right") - 1]  # [B]
+        earlier = _gather_left_padded(d.item, user_start, s, max(1, int((s - user_start).max())))  # [B, H]
         return {
-            "input_items": torch.from_numpy(inputs),  # [B, L]
-            "input_ratings": torch.from_numpy(np.ascontiguousarray(ratings[:, :-1])),  # [B, L]
-            "target_items": torch.from_numpy(np.ascontiguousarray(targets)),  # [B, L], 0 = no target
-            "target_ratings": torch.from_numpy(target_ratings.astype(np.float32)),  # [B, L]
-            "rewards": torch.from_numpy(rewards.astype(np.float32)),  # [B, L], 0 = no target
-            "target_liked": torch.from_numpy((targets > 0) & (target_ratings >= self.liked_threshold)),  # [B, L]
+            "input_items": torch.from_numpy(inputs),
+            "input_ratings": torch.from_numpy(np.ascontiguousarray(ratings[:, :-1])),
+            "next_items": torch.from_numpy(np.ascontiguousarray(targets)),
+            "next_ratings": torch.from_numpy(target_ratings.astype(np.float32)),
+            "next_rewards": torch.from_numpy(rewards.astype(np.float32)),
+            "next_liked": torch.from_numpy((targets > 0) & (target_ratings >= self.liked_threshold)),
+            "earlier_items": torch.from_numpy(earlier),
         }
 
     def train_dataloader(self) -> DataLoader:
         n = len(self.train_windows()[0])
         return DataLoader(
-            _IndexDataset(n), batch_size=self.batch_size, shuffle=True, collate_fn=self._collate_train,
+            _IndexDataset(n), batch_size=self.batch_size, shuffle=True, collate_fn=self.train_batch,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 
     # ----------------------------------------------------------------------------------- evaluation
-    def _collate_eval(self, users: list[int], split: str) -> dict[str, torch.Tensor]:
+    def eval_batch(self, users: Sequence[int], split: Literal["val", "test", "predict"]) -> EvalBatch:
+        """The evaluation batch of the given users (rows 0..n_users - 1) for ``split``; see ``EvalBatch``."""
         d = self.data
         u = np.asarray(users, dtype=np.int64)
         start = d.offsets[u]
-        hist_end = d.offsets[u + 1] - _HELD_OUT[split]
+        hist_end = d.offsets[u + 1] - HELD_OUT[split]
         width = int(min(self.max_len, (hist_end - start).max()))
         batch = {
-            "user_index": torch.from_numpy(u),  # [B]
-            "input_items": torch.from_numpy(_gather_left_padded(d.item, start, hist_end, width)),  # [B, L]
+            "user_index": torch.from_numpy(u),
+            "input_items": torch.from_numpy(_gather_left_padded(d.item, start, hist_end, width)),
             "input_ratings": torch.from_numpy(
                 _gather_left_padded(d.rating, start, hist_end, width, fill=0.0).astype(np.float32)
             ),
-            # Everything the user had before the target (may be longer than max_len): masked in ranking.
             "history_items": torch.from_numpy(
                 _gather_left_padded(d.item, start, hist_end, int((hist_end - start).max()))
-            ),  # [B, H]
+            ),
         }
         if split != "predict":
             rating = d.rating[hist_end]
             batch.update(
-                target_item=torch.from_numpy(d.item[hist_end]),  # [B]
-                target_rating=torch.from_numpy(rating.astype(np.float32)),  # [B]
-                target_liked=torch.from_numpy(rating >= self.liked_threshold),  # [B]
+                target_item=torch.from_numpy(d.item[hist_end]),
+                target_rating=torch.from_numpy(rating.astype(np.float32)),
+                target_liked=torch.from_numpy(rating >= self.liked_threshold),
             )
         return batch
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
             _IndexDataset(self.data.n_users), batch_size=self.eval_batch_size, shuffle=False,
-            collate_fn=partial(self._collate_eval, split=split), num_workers=self.num_workers,
+            collate_fn=partial(self.eval_batch, split=split), num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -32,7 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.table import InMemoryTable
 
-from recpost.data.sources import Source, validate_interactions
+from recpost.data.sources import Source
+from recpost.data.validation import validate_interactions
 from recpost.errors import RecpostError
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,20 @@
-"""Post-training methods: one LightningModule per method on the shared ``RecModule`` base."""
+"""Post-training methods: one LightningModule per method on a shared base.
 
-from recpost.methods.base import NextItemModule, RecModule
+- ``RecModule`` (``base.py``): backbone, optimiser, ``init_from``, frozen helpers, the whole evaluation;
+- ``NextItemModule`` (``next_item.py``): per-target cross-entropy (full or sampled softmax) for
+  ``SFT`` and ``ExpSFT``;
+- ``PolicyModule`` (``policy_base.py``): reference policy, reward model, states, masked log-probs for
+  ``PPO`` and ``DPO``;
+- ``RewardModel`` trains the reward-model component (``recpost.models.RatingModel``).
+"""
+
+from recpost.methods.base import RecModule
 from recpost.methods.dpo import DPO
 from recpost.methods.exp_sft import ExpSFT
+from recpost.methods.next_item import NextItemModule
+from recpost.methods.policy_base import PolicyModule
 from recpost.methods.ppo import PPO
 from recpost.methods.reward_model import RewardModel
 from recpost.methods.sft import SFT
 
-__all__ = ["DPO", "PPO", "ExpSFT", "NextItemModule", "RecModule", "RewardModel", "SFT"]
+__all__ = ["DPO", "PPO", "ExpSFT", "NextItemModule", "PolicyModule", "RecModule", "RewardModel", "SFT"]

@@ -12,13 +12,12 @@ same ratio needs ``lam = 0.25``. ``centered`` only shifts rewards, which a norma
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from recpost.errors import RecpostError
-from recpost.methods.base import NextItemModule
-from recpost.methods.losses import effective_sample_size, exp_weighted_loss
+from recpost.batch import TrainBatch
+from recpost.methods.checks import finite_positive, one_of, optional, positive
+from recpost.methods.losses import WEIGHT_NORMS, WeightNorm, effective_sample_size, exp_weighted_loss
+from recpost.methods.next_item import NextItemModule
 
 
 class ExpSFT(NextItemModule):
@@ -38,18 +37,16 @@ class ExpSFT(NextItemModule):
         self,
         *args,
         lam: float = 1.0,
-        weight_norm: Literal["batch_mean", "none"] = "batch_mean",
+        weight_norm: WeightNorm = "batch_mean",
         max_weight: float | None = None,
         **kwargs,
     ) -> None:
-        if not lam > 0:
-            raise RecpostError(f"model.lam must be > 0 (got {lam}); try 0.25-4 on 1..5-star rewards")
-        if max_weight is not None and not max_weight > 0:
-            raise RecpostError(f"model.max_weight must be > 0 or null (got {max_weight})")
+        finite_positive("lam", lam, "try 0.25-4 on 1..5-star rewards")
+        one_of("weight_norm", weight_norm, WEIGHT_NORMS)
+        optional(positive, "max_weight", max_weight)
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters("lam", "weight_norm", "max_weight")
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce, rewards = self.next_item_cross_entropy(batch)  # [N], [N]
         loss, weights = exp_weighted_loss(ce, rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight)
         with torch.no_grad():
@@ -58,8 +55,6 @@ class ExpSFT(NextItemModule):
                 "weight_min": weights.min(), "weight_mean": weights.mean(), "weight_max": weights.max(),
                 "ess": effective_sample_size(weights), "ce": ce.mean(),
             }
-            liked = batch.get("target_liked")
-            if liked is not None:
-                liked = liked[batch["target_items"] > 0]
-                logs["liked_loss_share"] = weighted[liked].sum() / weighted.sum().clamp_min(1e-12)
+            liked = batch["next_liked"][batch["next_items"] > 0]  # [N]
+            logs["liked_loss_share"] = weighted[liked].sum() / weighted.sum().clamp_min(1e-12)
         return loss, logs

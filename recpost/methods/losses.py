@@ -7,11 +7,14 @@ catalog lose too much precision in bf16.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from recpost.errors import RecpostError
+
+WeightNorm = Literal["batch_mean", "none"]
+WEIGHT_NORMS = get_args(WeightNorm)
 
 # exp() overflows fp32 above ~88.7; without normalisation, weights beyond this are not representable.
 _MAX_LOG_WEIGHT = 80.0
@@ -20,7 +23,7 @@ _MAX_LOG_WEIGHT = 80.0
 def exp_reward_weights(
     rewards: torch.Tensor,
     lam: float,
-    normalize: Literal["batch_mean", "none"] = "batch_mean",
+    normalize: WeightNorm = "batch_mean",
     max_weight: float | None = None,
 ) -> torch.Tensor:
     """Weights ``w = exp(r / lam)`` of exponential reward-weighted SFT, ``[N] -> [N]``.
@@ -64,7 +67,7 @@ def exp_weighted_cross_entropy(
     targets: torch.Tensor,
     rewards: torch.Tensor,
     lam: float,
-    normalize: Literal["batch_mean", "none"] = "batch_mean",
+    normalize: WeightNorm = "batch_mean",
     max_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exp-weighted SFT loss ``mean(w * CE)`` for ``logits [N, V]``, ``targets [N]``, ``rewards [N]``.
@@ -81,7 +84,7 @@ def exp_weighted_loss(
     ce: torch.Tensor,
     rewards: torch.Tensor,
     lam: float,
-    normalize: Literal["batch_mean", "none"] = "batch_mean",
+    normalize: WeightNorm = "batch_mean",
     max_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean(w * ce), w)`` for per-target cross-entropies ``ce [N]`` (full or sampled softmax) and ``rewards [N]``.

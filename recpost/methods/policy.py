@@ -2,23 +2,22 @@
 
 Pure functions on tensors (easy to test by hand), all in fp32 whatever the autocast:
 
-- ``prefix_history_mask`` / ``masked_log_probs``: ``log pi(i | state)`` over the whole catalog with the
-  items the user already had (and padding) at probability 0;
+- ``state_history_mask`` / ``masked_log_probs``: ``log pi(i | state)`` over the whole catalog with the
+  items the user already had (and padding) at probability 0: the window's items up to the state *and*
+  the user's items before the window (``earlier_items`` of the batch), as evaluation masks them;
 - ``sample_items``: k items per state from such a distribution (Gumbel-top-k without replacement, or
   i.i.d. with replacement); masked items are never returned;
 - ``exact_kl`` / ``entropy``: over the catalog, affordable for catalogs up to ~10^5 items;
   ``kl_k1`` / ``kl_k3``: Schulman's sampled estimators of ``KL(p || q)`` from ``a ~ p`` (as in TRL);
-- ``freeze`` / ``frozen_copy`` / ``disable_dropout``: frozen references and reward models;
 - ``top_k_reward``: mean reward of a ranking's top-k (``rm_reward@10``).
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
+from recpost.batch import TrainBatch
 from recpost.errors import RecpostError
 
 NEG_INF = float("-inf")
@@ -109,29 +108,10 @@ def top_k_reward(rewards: torch.Tensor, scores: torch.Tensor, k: int = 10) -> to
     return rewards.float().gather(1, top).mean(dim=-1)
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """No gradients, eval mode (no dropout); returns the module."""
-    module.requires_grad_(False)
-    return module.eval()
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A frozen deep copy (the reference policy: the initial policy, which training must not move)."""
-    return freeze(copy.deepcopy(module))
-
-
-def disable_dropout(module: nn.Module) -> None:
-    """Set every dropout probability to 0 (TRL's ``disable_dropout``): log-probabilities of the same
-    state then agree between rollout and update, and policy and reference differ only by training."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
-def state_positions(batch: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+def state_positions(batch: TrainBatch, which: str) -> torch.Tensor:
     """Positions of training windows used as bandit states ``[B, L]`` bool: ``all`` positions that have a
     logged next item (the states SFT and exp-weighted SFT train on), or only the ``last`` (newest) one."""
-    has_target = batch["target_items"] > 0  # [B, L]
+    has_target = batch["next_items"] > 0  # [B, L]
     if which == "all":
         return has_target
     if which == "last":
@@ -141,14 +121,30 @@ def state_positions(batch: dict[str, torch.Tensor], which: str) -> torch.Tensor:
     raise RecpostError(f"state_positions must be 'all' or 'last' (got {which!r})")
 
 
+def state_history_mask(
+    items: torch.Tensor, states: torch.Tensor, n_items: int, earlier: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the user has had at each state ``[N, n_items + 1]`` bool: the window's ``items [B, L]`` up to
+    the state, and the user's ``earlier [B, H]`` items before the window (0 = padding); padding is always
+    True. ``states [B, L]`` bool picks the N states (row-major)."""
+    seen = prefix_history_mask(items, n_items)[states]  # [N, V + 1]
+    if earlier is not None and earlier.shape[1]:
+        before = torch.zeros(items.shape[0], n_items + 1, dtype=torch.bool, device=items.device)
+        before.scatter_(1, earlier, True)  # [B, V + 1]; padding lands on column 0, which is masked anyway
+        seen |= before[states.nonzero()[:, 0]]
+    return seen
+
+
 def state_log_probs(
-    backbone: nn.Module, items: torch.Tensor, ratings: torch.Tensor | None, states: torch.Tensor, mask_history: bool = True
+    backbone: nn.Module, items: torch.Tensor, ratings: torch.Tensor | None, states: torch.Tensor,
+    mask_history: bool = True, earlier: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log pi(. | state)`` over the catalog at the ``states [B, L]`` positions of ``items [B, L]``.
 
-    Returns ``(logp [N, V + 1], hidden [N, d])``; items the user had up to each state (and padding) have
-    probability 0 unless ``mask_history`` is off (then only padding).
+    Returns ``(logp [N, V + 1], hidden [N, d])``; what the user had by each state (the window's items up
+    to it and the ``earlier [B, H]`` items before the window) and padding have probability 0, unless
+    ``mask_history`` is off (then only padding).
     """
     hidden = backbone.encode(items, ratings)[states]  # [N, d]
-    mask = prefix_history_mask(items, backbone.n_items)[states] if mask_history else None  # [N, V + 1]
+    mask = state_history_mask(items, states, backbone.n_items, earlier) if mask_history else None  # [N, V + 1]
     return masked_log_probs(backbone.score(hidden), mask), hidden

@@ -36,24 +36,20 @@ here). ``trainer.max_steps`` counts optimiser steps: ``ppo_epochs * num_minibatc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from recpost.errors import RecpostError
-from recpost.methods.base import RecModule
-from recpost.methods.policy import (
-    entropy,
-    exact_kl,
-    frozen_copy,
-    kl_k1,
-    kl_k3,
-    sample_items,
-    state_log_probs,
-    state_positions,
-)
-from recpost.methods.policy import disable_dropout as turn_off_dropout
+from recpost.batch import TrainBatch
+from recpost.methods.base import check_finite
+from recpost.methods.checks import at_least, non_negative, one_of, optional, positive, require
+from recpost.methods.policy import entropy, exact_kl, kl_k1, kl_k3, sample_items
+from recpost.methods.policy_base import PolicyModule
+
+KLEstimator = Literal["exact", "k1", "k3"]
+Baseline = Literal["group", "value"]
+ScaleRewards = Literal["none", "group", "batch"]
 
 # TRL's epsilon in reward scaling (GRPO's scale_rewards); keeps constant-reward groups finite.
 STD_EPS = 1e-4
@@ -109,11 +105,10 @@ def clipped_surrogate(
     return loss, stats
 
 
-class PPO(RecModule):
+class PPO(PolicyModule):
     """PPO of the next-item policy against a frozen reward model, with a KL penalty to the initial policy.
 
     Args:
-        reward_model: the RewardModel checkpoint (``best.ckpt`` of ``configs/method/reward_model.yaml``).
         k: items sampled per state (TRL GRPO's ``num_generations``).
         kl_coef: weight of ``KL(pi || pi_ref)`` (reward units, i.e. stars, per nat); the start value
             when ``target_kl`` is set.
@@ -130,27 +125,21 @@ class PPO(RecModule):
         target_kl: adaptive KL controller's target (nats per state); ``null``: fixed ``kl_coef``.
         kl_horizon: adaptive controller's horizon (states).
         max_grad_norm: clip the gradient norm of each update (``null``: no clipping).
-        state_positions: ``all`` positions with a logged next item, or the ``last`` one per window.
         replacement: sample the k items i.i.d. (``true``) or k distinct items (``false``).
-        disable_dropout: no dropout in the policy (TRL's default for RL): rollout and update agree.
-        **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, ...).
+        **kwargs: the shared settings of ``PolicyModule`` (reward_model, required here; state_positions,
+            disable_dropout) and ``RecModule`` (backbone, lr, init_from, ...).
     """
 
-    takes_reward_model = True
-
-    @classmethod
-    def needs_reward_model(cls, init_args):
-        return True
+    divergence_hint = "lower model.lr or model.kl_coef"
 
     def __init__(
         self,
         *args,
-        reward_model: str | None = None,
         k: int = 8,
         kl_coef: float = 0.05,
-        kl_estimator: Literal["exact", "k1", "k3"] = "exact",
-        baseline: Literal["group", "value"] = "group",
-        scale_rewards: Literal["none", "group", "batch"] = "none",
+        kl_estimator: KLEstimator = "exact",
+        baseline: Baseline = "group",
+        scale_rewards: ScaleRewards = "none",
         clip_range: float = 0.2,
         ppo_epochs: int = 4,
         num_minibatches: int = 1,
@@ -160,25 +149,28 @@ class PPO(RecModule):
         target_kl: float | None = None,
         kl_horizon: int = 10000,
         max_grad_norm: float | None = 1.0,
-        state_positions: Literal["all", "last"] = "all",
         replacement: bool = True,
-        disable_dropout: bool = True,
         **kwargs,
     ) -> None:
-        _check_ppo_args(reward_model, k, kl_coef, kl_estimator, baseline, scale_rewards, clip_range, ppo_epochs,
-                        num_minibatches, entropy_coef, vf_coef, cliprange_value, target_kl, kl_horizon, max_grad_norm,
-                        state_positions)
+        require(bool(kwargs.get("reward_model")), "PPO needs model.reward_model: the best.ckpt of `recpost fit --config "
+                "<pretrain.yaml> --config configs/method/reward_model.yaml`")
+        one_of("kl_estimator", kl_estimator, get_args(KLEstimator))
+        one_of("baseline", baseline, get_args(Baseline))
+        one_of("scale_rewards", scale_rewards, get_args(ScaleRewards))
+        at_least("k", k, 1)
+        require(baseline != "group" or k >= 2,
+                f"model.k must be >= 2 with baseline: group (got {k}); the baseline is the other samples' mean")
+        non_negative("kl_coef", kl_coef, "0 disables the KL penalty")
+        positive("clip_range", clip_range, "TRL's default is 0.2")
+        for name, value in (("ppo_epochs", ppo_epochs), ("num_minibatches", num_minibatches), ("kl_horizon", kl_horizon)):
+            at_least(name, value, 1)
+        non_negative("entropy_coef", entropy_coef)
+        non_negative("vf_coef", vf_coef)
+        positive("cliprange_value", cliprange_value)
+        optional(positive, "target_kl", target_kl)
+        optional(positive, "max_grad_norm", max_grad_norm)
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(
-            "reward_model", "k", "kl_coef", "kl_estimator", "baseline", "scale_rewards", "clip_range", "ppo_epochs",
-            "num_minibatches", "entropy_coef", "vf_coef", "cliprange_value", "target_kl", "kl_horizon",
-            "max_grad_norm", "state_positions", "replacement", "disable_dropout",
-        )
         self.automatic_optimization = False
-        if disable_dropout:
-            turn_off_dropout(self.backbone)
-        self.hold_frozen("reference", frozen_copy(self.backbone))
-        self.hold_frozen("reward_model", self.load_reward_model(reward_model, "model.reward_model"))
         d_model = self.backbone.item_weights().shape[1]
         self.value_head = nn.Linear(d_model, 1) if baseline == "value" else None
         if self.value_head is not None:
@@ -188,16 +180,15 @@ class PPO(RecModule):
         if self.value_head is not None:  # V's bias is set from the first rollout's rewards
             self.register_buffer("value_initialized", torch.tensor(False))
 
+    def optimizer_steps_per_batch(self) -> int:
+        """Each rollout (training batch) takes ``ppo_epochs x num_minibatches`` optimiser steps."""
+        return self.hparams.ppo_epochs * self.hparams.num_minibatches
+
     # ----------------------------------------------------------------------------------- rollout
     def _minibatches(self, n_rows: int, shuffle: bool, device: torch.device) -> list[torch.Tensor]:
         """Row (window) indices of each minibatch: in order for the rollout and the first pass, shuffled after."""
         order = torch.randperm(n_rows) if shuffle else torch.arange(n_rows)
         return [rows.to(device) for rows in order.tensor_split(self.hparams.num_minibatches) if len(rows)]
-
-    def _log_probs(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, states: torch.Tensor, backbone=None):
-        """Policy (or ``backbone``) log-probs and hidden states at the states of ``rows`` of the batch."""
-        return state_log_probs(backbone or self.backbone, batch["input_items"][rows], batch["input_ratings"][rows],
-                               states[rows], self.hparams.mask_history)
 
     def _value(self, hidden: torch.Tensor) -> torch.Tensor:
         """``V(s)`` ``[N, d] -> [N]`` in fp32 whatever the autocast: a value in stars, which bf16 would
@@ -206,10 +197,10 @@ class PPO(RecModule):
             return self.value_head(hidden.float()).squeeze(-1)
 
     @torch.no_grad()
-    def rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
+    def rollout(self, batch: TrainBatch) -> Rollout:
         """Sample k items per state, score them with the RM, and fix the advantages (see the module doc)."""
         hp = self.hparams
-        states = state_positions(batch, hp.state_positions)  # [B, L]
+        states = self.states(batch)  # [B, L]
         n = int(states.sum())
         index = torch.full(states.shape, -1, dtype=torch.long, device=states.device)
         index[states] = torch.arange(n, device=states.device)
@@ -222,8 +213,8 @@ class PPO(RecModule):
         # The same windows, in the same order, as the first update's minibatches: its ratio is exactly 1.
         for rows in self._minibatches(len(states), shuffle=False, device=states.device):
             idx = index[rows][states[rows]]
-            logp, hidden = self._log_probs(batch, rows, states)  # [m, V + 1], [m, d]
-            ref, _ = self._log_probs(batch, rows, states, self._frozen["reference"])
+            logp, hidden = self.log_probs(batch, states, rows)  # [m, V + 1], [m, d]
+            ref, _ = self.log_probs(batch, states, rows, reference=True)
             a = sample_items(logp, hp.k, replacement=hp.replacement)  # [m, k]
             actions[idx], logp_old[idx], ref_a[idx] = a, logp.gather(1, a), ref.gather(1, a)
             kl[idx], ent[idx] = exact_kl(logp, ref), entropy(logp)
@@ -231,8 +222,7 @@ class PPO(RecModule):
                 ref_full[idx] = ref
             if hidden_all is not None:
                 hidden_all[idx] = hidden.float()
-        rm = self._frozen["reward_model"]
-        rm_rewards = rm.rewards_at(batch["input_items"], batch["input_ratings"], states).gather(1, actions)  # [N, k]
+        rm_rewards = self.rewards(batch, states, actions)  # [N, k]: only the sampled items are scored
         coef = self.kl_coef_value
         returns = rm_rewards
         if hp.kl_estimator != "exact":
@@ -260,12 +250,12 @@ class PPO(RecModule):
 
     # ----------------------------------------------------------------------------------- update
     def minibatch_loss(
-        self, batch: dict[str, torch.Tensor], roll: Rollout, rows: torch.Tensor
+        self, batch: TrainBatch, roll: Rollout, rows: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Loss of one update on the windows ``rows``; returns ``(loss, diagnostics, ratio [m, k])``."""
         hp = self.hparams
         idx = roll.index[rows][roll.states[rows]]
-        logp, hidden = self._log_probs(batch, rows, roll.states)  # [m, V + 1], [m, d]
+        logp, hidden = self.log_probs(batch, roll.states, rows)  # [m, V + 1], [m, d]
         logp_a, logp_old = logp.gather(1, roll.actions[idx]), roll.logp_old[idx]
         loss, stats = clipped_surrogate(logp_a, logp_old, roll.advantages[idx], hp.clip_range)
         stats["loss/policy"] = loss.detach()
@@ -285,31 +275,28 @@ class PPO(RecModule):
         ratio = torch.exp(logp_a - logp_old).detach()
         return loss, stats, ratio
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> None:
         hp = self.hparams
         opt = self.optimizers()
+        scheduler = self.lr_schedulers()
         roll = self.rollout(batch)
         losses, stats = [], []
         for epoch in range(hp.ppo_epochs):
             for rows in self._minibatches(len(roll.states), shuffle=epoch > 0, device=roll.states.device):
                 loss, s, _ = self.minibatch_loss(batch, roll, rows)
-                if not torch.isfinite(loss):
-                    raise RecpostError(f"PPO loss became {loss.item()} at step {self.global_step}; lower model.lr or kl_coef")
+                check_finite(loss, self.global_step, self.divergence_hint)
                 opt.zero_grad()
                 self.manual_backward(loss)
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
+                if scheduler is not None:  # sized in optimiser steps (total_optimizer_steps), stepped per step
+                    scheduler.step()
                 losses.append(loss.detach())
                 stats.append(s)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
         self._adapt_kl_coef(roll.stats["objective/kl"], int(roll.states.sum()))
-        n_windows = batch["input_items"].shape[0]
         logs = {**roll.stats, **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}}
-        self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=n_windows)
-        self.log_dict(logs, batch_size=n_windows)
+        self.log_training(torch.stack(losses).mean(), logs, batch)
 
     def _adapt_kl_coef(self, kl: torch.Tensor, n_states: int) -> None:
         target = self.hparams.target_kl
@@ -319,40 +306,3 @@ class PPO(RecModule):
             kl = self.trainer.strategy.reduce(kl, reduce_op="mean")  # every rank keeps the same kl_coef
         error = (kl / target - 1.0).clamp(-KL_ERROR_CLIP, KL_ERROR_CLIP)
         self.kl_coef_value.mul_(1.0 + error * n_states / self.hparams.kl_horizon)
-
-
-def _check_ppo_args(reward_model, k, kl_coef, kl_estimator, baseline, scale_rewards, clip_range, ppo_epochs,
-                    num_minibatches, entropy_coef, vf_coef, cliprange_value, target_kl, kl_horizon, max_grad_norm,
-                    state_positions) -> None:
-    """One clear error per bad setting, before anything is built."""
-    if not reward_model:
-        raise RecpostError(
-            "PPO needs model.reward_model: the best.ckpt of `recpost fit --config <pretrain.yaml> "
-            "--config configs/method/reward_model.yaml`"
-        )
-    choices = {"kl_estimator": (kl_estimator, ("exact", "k1", "k3")), "baseline": (baseline, ("group", "value")),
-               "scale_rewards": (scale_rewards, ("none", "group", "batch")),
-               "state_positions": (state_positions, ("all", "last"))}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise RecpostError(f"model.{name} must be one of {', '.join(allowed)} (got {value!r})")
-    if k < 1:
-        raise RecpostError(f"model.k must be >= 1 (got {k})")
-    if baseline == "group" and k < 2:
-        raise RecpostError(f"model.k must be >= 2 with baseline: group (got {k}); the baseline is the other samples' mean")
-    if kl_coef < 0:
-        raise RecpostError(f"model.kl_coef must be >= 0 (got {kl_coef}); 0 disables the KL penalty")
-    if not clip_range > 0:
-        raise RecpostError(f"model.clip_range must be > 0 (got {clip_range}); TRL's default is 0.2")
-    for name, value in (("ppo_epochs", ppo_epochs), ("num_minibatches", num_minibatches), ("kl_horizon", kl_horizon)):
-        if value < 1:
-            raise RecpostError(f"model.{name} must be >= 1 (got {value})")
-    for name, value in (("entropy_coef", entropy_coef), ("vf_coef", vf_coef)):
-        if value < 0:
-            raise RecpostError(f"model.{name} must be >= 0 (got {value})")
-    if not cliprange_value > 0:
-        raise RecpostError(f"model.cliprange_value must be > 0 (got {cliprange_value})")
-    if target_kl is not None and not target_kl > 0:
-        raise RecpostError(f"model.target_kl must be > 0 or null (got {target_kl})")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise RecpostError(f"model.max_grad_norm must be > 0 or null (got {max_grad_norm})")

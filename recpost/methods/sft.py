@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from recpost.methods.base import NextItemModule
+from recpost.batch import TrainBatch
+from recpost.methods.next_item import NextItemModule
 
 
 class SFT(NextItemModule):
     """Behaviour cloning: mean cross-entropy of the logged next item (full or sampled softmax)."""
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce, _ = self.next_item_cross_entropy(batch)  # [N]
         return ce.mean(), {}

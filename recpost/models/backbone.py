@@ -47,6 +47,11 @@ class Backbone(nn.Module, ABC):
         self.n_items = n_items
         self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: BackboneConfig, n_items: int, max_len: int) -> Backbone:
+        """The backbone ``cfg`` describes (``cfg.name`` picks the class in ``recpost.models.registry``)."""
+
     @abstractmethod
     def encode(self, items: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[B, L, d]`` for left-padded ``items [B, L]`` (and their ``ratings``)."""
@@ -87,13 +92,3 @@ def mask_padding_column(scores: torch.Tensor, columns: slice | torch.Tensor) -> 
             scores[..., 0] = float("-inf")
         return scores
     return scores.masked_fill(columns == 0, float("-inf"))
-
-
-def build_backbone(cfg: BackboneConfig, n_items: int, max_len: int) -> Backbone:
-    from recpost.models.sasrec import SASRec
-
-    builders = {"sasrec": SASRec}
-    return builders[cfg.name](
-        n_items=n_items, max_len=max_len, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        dropout=cfg.dropout, ff_mult=cfg.ff_mult, use_ratings=cfg.use_ratings,
-    )

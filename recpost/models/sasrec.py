@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recpost.models.backbone import Backbone
+from recpost.models.backbone import Backbone, BackboneConfig
 
 
 class _Block(nn.Module):
@@ -60,6 +60,13 @@ class SASRec(Backbone):
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout, ff_mult) for _ in range(n_layers))
         self.final_ln = nn.LayerNorm(d_model)
         self.apply(self._init_weights)
+
+    @classmethod
+    def from_config(cls, cfg: BackboneConfig, n_items: int, max_len: int) -> SASRec:
+        return cls(
+            n_items=n_items, max_len=max_len, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+            dropout=cfg.dropout, ff_mult=cfg.ff_mult, use_ratings=cfg.use_ratings,
+        )
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

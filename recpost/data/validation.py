@@ -1,0 +1,93 @@
+"""Validation of the canonical interactions table: one clear error for the first bad value.
+
+Every source's raw table passes through :func:`validate_interactions` before preprocessing, so a bad
+file gets a message naming the column, the row and the fix, not a parser or kernel error later.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recpost.errors import RecpostError
+
+CANONICAL_COLUMNS = ("user_id", "item_id", "timestamp", "rating")
+
+
+def validate_interactions(table: pa.Table, where: str, rating_range: tuple[float, float]) -> pa.Table:
+    """Check and cast the canonical table; raise one ``RecpostError`` for the first problem found.
+
+    Returns a table with ``user_id``/``item_id`` as strings, ``timestamp`` int64, ``rating`` float64.
+    """
+
+    def first_row(mask: pa.ChunkedArray | pa.Array) -> int:
+        return int(pc.index(mask, True).as_py()) + 1
+
+    if table.num_rows == 0:
+        raise RecpostError(f"{where} holds no interactions")
+    out = {}
+    for col in ("user_id", "item_id"):
+        values = table.column(col).cast(pa.string())
+        missing = pc.or_kleene(pc.is_null(values), pc.equal(values, ""))  # CSV readers keep empty ids as ""
+        if pc.any(missing).as_py():
+            raise RecpostError(f"{where}: missing {col} in row {first_row(missing)}; every row needs one")
+        out[col] = values
+
+    rating = table.column("rating")
+    if not pa.types.is_floating(rating.type) and not pa.types.is_integer(rating.type):
+        as_float = _try_float(rating)
+        if as_float is None:
+            raise RecpostError(
+                f"{where}: the rating column is not numeric (type {rating.type}, e.g. {_first_non_numeric(rating)!r}); "
+                "ratings must be numbers"
+            )
+        rating = as_float
+    rating = rating.cast(pa.float64())
+    invalid = pc.or_kleene(pc.is_null(rating), pc.is_nan(rating))  # Kleene: a null row counts as invalid
+    if pc.any(invalid).as_py():
+        raise RecpostError(f"{where}: missing or NaN rating in row {first_row(invalid)}; drop or fill those rows")
+    lo, hi = rating_range
+    outside = pc.or_(pc.less(rating, lo), pc.greater(rating, hi))
+    if pc.any(outside).as_py():
+        row = first_row(outside)
+        raise RecpostError(
+            f"{where}: rating {rating[row - 1].as_py()} in row {row} is outside [{lo}, {hi}]; fix the data or "
+            "set data.source.rating_range"
+        )
+    out["rating"] = rating
+
+    ts = table.column("timestamp")
+    if ts.null_count:
+        raise RecpostError(f"{where}: missing timestamp in row {first_row(pc.is_null(ts))}; every row needs one")
+    if not pa.types.is_integer(ts.type):
+        try:
+            ts = ts.cast(pa.int64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise RecpostError(
+                f"{where}: timestamps must be integers (unix seconds), found type {ts.type}; convert them first"
+            ) from None
+    ts = ts.cast(pa.int64())
+    negative = pc.less(ts, 0)
+    if pc.any(negative).as_py():
+        row = first_row(negative)
+        raise RecpostError(f"{where}: negative timestamp {ts[row - 1].as_py()} in row {row}; timestamps must be >= 0")
+    out["timestamp"] = ts
+    return pa.table({c: out[c] for c in CANONICAL_COLUMNS})
+
+
+def _try_float(values: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    try:
+        return pc.cast(values, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _first_non_numeric(values: pa.ChunkedArray) -> str:
+    strings = values.cast(pa.string())
+    for chunk in strings.chunks:  # only reached on the error path; stops at the first bad value
+        for v in chunk.to_pylist():
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                return v
+    return "?"

@@ -1,0 +1,112 @@
+"""``NextItemModule``: what the next-item cross-entropy methods (SFT, ExpSFT, and the other weighted
+SFT variants) share: the per-target cross-entropy of the logged next item, over the full catalog or
+a sampled softmax for large catalogs. A method on it only decides how to weigh the targets.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recpost.batch import TrainBatch
+from recpost.errors import RecpostError
+from recpost.methods.base import RecModule
+from recpost.methods.checks import at_least, one_of
+from recpost.methods.losses import popularity_log_q, sample_negatives, sampled_softmax_cross_entropy, sampling_log_q
+
+Softmax = Literal["full", "sampled"]
+NegativeSampler = Literal["uniform", "popularity"]
+SOFTMAXES, NEGATIVE_SAMPLERS = get_args(Softmax), get_args(NegativeSampler)
+
+
+class NextItemModule(RecModule):
+    """Shared base of the methods trained by next-item cross-entropy (SFT, ExpSFT): full or sampled softmax.
+
+    Args:
+        softmax: ``full``: cross-entropy over the whole catalog (exact; logits ``[targets, n_items + 1]``
+            per step). ``sampled``: over the target and ``num_negatives`` items shared by the batch, each
+            logit corrected by ``- log q`` of its sampling probability (logQ), negatives equal to the
+            target removed (cost ``[targets, num_negatives]``: flat in the catalog size). Training only:
+            evaluation always ranks the whole catalog.
+        num_negatives: negatives per batch for ``softmax: sampled`` (drawn with replacement); from
+            ``n_items`` on, every item is a negative, which is the full softmax, computed exactly.
+        negative_sampler: ``uniform`` over the catalog, or ``popularity``: proportional to each item's
+            count in the training interactions (+1), i.e. harder negatives (the popular items a
+            behaviour-cloning model over-ranks), with the same logQ correction.
+        **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, score_chunk_size, ...).
+    """
+
+    def __init__(
+        self,
+        *args,
+        softmax: Softmax = "full",
+        num_negatives: int = 1024,
+        negative_sampler: NegativeSampler = "uniform",
+        **kwargs,
+    ) -> None:
+        one_of("softmax", softmax, SOFTMAXES)
+        at_least("num_negatives", num_negatives, 1, "e.g. 1024 negatives per batch")
+        one_of("negative_sampler", negative_sampler, NEGATIVE_SAMPLERS)
+        super().__init__(*args, **kwargs)
+        # log q [n_items + 1] of the popularity sampler: from the training data at the start of fit
+        # (or set_item_counts); not saved, so it always matches the data being trained on.
+        self.register_buffer("negative_log_q", None, persistent=False)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether training uses the sampled softmax (``num_negatives >= n_items`` is the full softmax)."""
+        return self.hparams.softmax == "sampled" and self.hparams.num_negatives < self.hparams.n_items
+
+    def set_item_counts(self, counts: np.ndarray | torch.Tensor) -> None:
+        """Training counts of each item ``[n_items + 1]`` for ``negative_sampler: popularity``."""
+        counts = torch.as_tensor(counts)
+        if counts.shape != (self.hparams.n_items + 1,):
+            raise RecpostError(
+                f"item counts have shape {tuple(counts.shape)}, expected ({self.hparams.n_items + 1},) (n_items + 1, "
+                "index 0 = padding); use RecDataModule.train_item_counts() of the same data"
+            )
+        self.negative_log_q = popularity_log_q(counts).to(self.device)
+
+    def on_fit_start(self) -> None:
+        if self.sampled and self.hparams.negative_sampler == "popularity" and self.negative_log_q is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "train_item_counts"):
+                raise RecpostError(
+                    "model.negative_sampler: popularity needs the training item counts: fit with a RecDataModule "
+                    "(trainer.fit(model, datamodule=dm)) or call model.set_item_counts(dm.train_item_counts()) first"
+                )
+            self.set_item_counts(datamodule.train_item_counts())
+
+    def next_item_cross_entropy(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-target next-item cross-entropy ``[N]`` (fp32, full or sampled softmax) and ``rewards [N]``
+        at the N target positions of the batch (padding positions are skipped before the output layer)."""
+        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))  # [B, L, d]
+        has_target = batch["next_items"] > 0  # [B, L]
+        hidden, targets = hidden[has_target], batch["next_items"][has_target]  # [N, d], [N]
+        rewards = batch["next_rewards"][has_target].float()
+        if not self.sampled:
+            logits = self.backbone.score(hidden)  # [N, V + 1], fp32
+            return F.cross_entropy(logits.float(), targets, reduction="none"), rewards
+        log_q = self._sampler_log_q()
+        n_items = self.hparams.n_items
+        negatives, log_q_negatives = sample_negatives(self.hparams.num_negatives, n_items, log_q, device=hidden.device)
+        target_logits = self.backbone.score(hidden, targets[:, None]).squeeze(-1)  # [N], fp32
+        negative_logits = self.backbone.score_columns(hidden, negatives)  # [N, K], fp32
+        ce = sampled_softmax_cross_entropy(
+            target_logits, negative_logits, targets, negatives, sampling_log_q(targets, n_items, log_q), log_q_negatives
+        )
+        return ce, rewards
+
+    def _sampler_log_q(self) -> torch.Tensor | None:
+        """``log q [n_items + 1]`` of the negative sampler; ``None`` for uniform."""
+        if self.hparams.negative_sampler == "uniform":
+            return None
+        if self.negative_log_q is None:
+            raise RecpostError(
+                "model.negative_sampler: popularity has no item counts yet; train through trainer.fit with a "
+                "RecDataModule, or call model.set_item_counts(dm.train_item_counts())"
+            )
+        return self.negative_log_q

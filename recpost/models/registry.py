@@ -1,0 +1,16 @@
+"""Backbones by name: ``BackboneConfig.name`` -> class. A new backbone is one file plus one line here."""
+
+from __future__ import annotations
+
+from recpost.errors import RecpostError
+from recpost.models.backbone import Backbone, BackboneConfig
+from recpost.models.sasrec import SASRec
+
+BACKBONES: dict[str, type[Backbone]] = {"sasrec": SASRec}
+
+
+def build_backbone(cfg: BackboneConfig, n_items: int, max_len: int) -> Backbone:
+    """The backbone ``cfg`` describes, for a catalog of ``n_items`` and histories of ``max_len``."""
+    if cfg.name not in BACKBONES:
+        raise RecpostError(f"model.backbone.name: unknown backbone {cfg.name!r}; use one of {sorted(BACKBONES)}")
+    return BACKBONES[cfg.name].from_config(cfg, n_items=n_items, max_len=max_len)
