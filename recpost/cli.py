@@ -187,21 +187,31 @@ def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:
     )
 
 
+# Commands that are plain typed functions (litgpt's style), beside LightningCLI's fit/validate/test/predict:
+# name -> (module, function). The function's signature and docstring are its command line and --help.
+FUNCTION_COMMANDS = {
+    "experiment": ("recpost.experiment", "experiment"),
+    "bench": ("recpost.bench", "bench"),
+}
+
+
 def run_function_cli(name: str, args: list[str]) -> None:
-    """``recpost experiment`` / ``recpost bench``: arguments from the function's typed signature.
+    """A ``FUNCTION_COMMANDS`` command: arguments from the function's typed signature.
 
     (``jsonargparse.CLI`` would reserve ``--config`` for its own config files; for ``experiment``,
-    ``--config`` is the experiment YAML, as users expect.)
+    ``--config`` is the experiment YAML, as users expect.) ``--some-flag`` is accepted for a boolean
+    ``some_flag``, as users spell flags.
     """
+    import importlib
+    import inspect
+
     from jsonargparse import ArgumentParser
 
-    if name == "experiment":
-        from recpost.experiment import experiment as fn
-
-        args = ["--dry_run=true" if a == "--dry-run" else a for a in args]  # also as users spell a flag
-    else:
-        from recpost.bench import bench as fn
-
+    module, function = FUNCTION_COMMANDS[name]
+    fn = getattr(importlib.import_module(module), function)
+    flags = {f"--{p.replace('_', '-')}": f"--{p}=true" for p, param in inspect.signature(fn).parameters.items()
+             if param.annotation in (bool, "bool") and "_" in p}
+    args = [flags.get(a, a) for a in args]
     parser = ArgumentParser(prog=f"recpost {name}", description=fn.__doc__.splitlines()[0])
     parser.add_function_arguments(fn)
     fn(**parser.parse_args(args).as_dict())
@@ -212,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args[:1] in (["experiment"], ["bench"]):
+        if args[:1] and args[0] in FUNCTION_COMMANDS:
             run_function_cli(args[0], args[1:])
         else:
             run_lightning_cli(argv)

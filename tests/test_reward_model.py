@@ -181,3 +181,20 @@ def test_recpost_fit_trains_a_reward_model_selected_on_validation_rmse(tiny_conf
     assert all(math.isfinite(float(r["train/loss"])) for r in rows if r.get("train/loss"))
     config = yaml.safe_load(run.config.read_text())
     assert (config["checkpoint"]["monitor"], config["checkpoint"]["mode"]) == ("val/rmse", "min")
+
+
+def test_reward_check_finds_a_model_identical_to_itself_and_a_resampled_one_less_so(tmp_path):
+    from recpost.data import Simulator
+    from recpost.data.simulator import WorldConfig
+    from recpost.reward_check import compare
+
+    dm = RecDataModule(Simulator(WorldConfig(n_users=60, n_items=80), min_seq_len=5, max_seq_len=9), max_len=8,
+                       cache_dir=str(tmp_path / "cache"))
+    first = reward_model_checkpoint(dm, tmp_path / "a.ckpt", steps=1)
+    boot = RecDataModule(dm.source, max_len=8, cache_dir=str(tmp_path / "cache"), train_users="bootstrap")
+    second = reward_model_checkpoint(boot, tmp_path / "b.ckpt", steps=1, seed=1)
+    same = compare(dm, str(first), str(first))
+    assert same["test_targets/error_corr"] == pytest.approx(1.0) and same["catalog/error_corr"] == pytest.approx(1.0)
+    assert same["top10/rmse_vs_true_reward_model"] == same["top10/rmse_vs_true_evaluator"]
+    other = compare(dm, str(first), str(second))
+    assert other["catalog/error_corr"] < 1.0 - 1e-4

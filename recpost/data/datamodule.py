@@ -26,6 +26,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from recpost.batch import EvalBatch, TrainBatch
@@ -150,6 +151,26 @@ class RecDataModule(L.LightningDataModule):
         self._windows: tuple[np.ndarray, np.ndarray] | None = None
         self._ground_truth = None
         self._train_mean: float | None = None
+
+    @classmethod
+    def from_configs(cls, paths: Sequence[str | Path]) -> RecDataModule:
+        """The DataModule of ``recpost fit --config P1 --config P2 ...``: the ``data:`` sections of the
+        YAML files composed in order, without the CLI (no model, no trainer)."""
+        from jsonargparse import ArgumentParser
+
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "data")
+        cfg = None
+        for path in paths:
+            data = (yaml.safe_load(Path(path).read_text()) or {}).get("data")
+            if data:
+                try:
+                    cfg = parser.parse_object({"data": data}, namespace=cfg)
+                except Exception as exc:  # noqa: BLE001 - jsonargparse's errors say which value; one line here
+                    raise RecpostError(f"{path}: its data section does not parse ({str(exc).splitlines()[0]})") from None
+        if cfg is None:
+            raise RecpostError(f"none of {[str(p) for p in paths]} has a data: section; pass the fit config(s) of the run")
+        return parser.instantiate_classes(cfg).data
 
     # ----------------------------------------------------------------------------------- loading
     def prepare_data(self) -> None:

@@ -15,11 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from recpost import figures
 from recpost.data import RecDataModule
-from recpost.errors import RecpostError
 from recpost.experiment.plan import Plan, Stage
 from recpost.experiment.stats import fmt, paired_bootstrap
 from recpost.experiment.study import Study
@@ -108,24 +106,9 @@ def weight_figure(study: Study, path: Path) -> Path | None:
 
 
 def train_target_rewards(study: Study) -> np.ndarray:
-    """The reward of every training target of the study's data ``[N]``.
-
-    The datamodule is built from the ``data:`` sections of the study's base configs, composed in
-    order as ``recpost fit --config ... --config ...`` composes them, without the CLI (and its model).
-    """
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(RecDataModule, "data")
-    cfg = None
-    for path in study.base_configs:
-        data = (yaml.safe_load(path.read_text()) or {}).get("data")
-        if data:
-            try:
-                cfg = parser.parse_object({"data": data}, namespace=cfg)
-            except Exception as exc:  # noqa: BLE001 - jsonargparse's errors say which value; one line here
-                raise RecpostError(f"{path}: its data section does not parse ({exc})") from exc
-    return parser.instantiate_classes(cfg).data.train_target_rewards()
+    """The reward of every training target of the study's data ``[N]`` (its DataModule built from the
+    ``data:`` sections of the study's base configs, as ``recpost fit`` composes them)."""
+    return RecDataModule.from_configs(study.base_configs).train_target_rewards()
 
 
 def _read_per_user(path: str | None) -> dict[int, dict[str, float]]:
