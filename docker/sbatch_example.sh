@@ -9,7 +9,7 @@
 #   CONFIG=configs/pretrain/ml100k.yaml sbatch docker/sbatch_example.sh --trainer.max_epochs 50
 # To run inside the image (docker/Dockerfile) with Apptainer/Singularity, convert it once and point
 # RECPOST_IMAGE at the .sif file:
-#   apptainer build recpost.sif docker-daemon://recpost:0.1.0
+#   apptainer build recpost.sif docker-daemon://recpost:0.1.0-cuda
 #   RECPOST_IMAGE=$PWD/recpost.sif sbatch docker/sbatch_example.sh
 # Another GPU count per node: change --ntasks-per-node and --gpus-per-node together; the recpost
 # flags below follow them. See docs/cluster.md.

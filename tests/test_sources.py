@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from recpost.errors import RecpostError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (user, item, rating, timestamp): whole stars for 100k/1m, half stars for 20m/25m/32m.
+# (user, item, rating, timestamp): whole stars for 100k/1m, half stars for 20m/25m/32m/latest/latest-small.
 STAR_ROWS = [(1, 31, 4, 881250949), (1, 7, 1, 881250950), (22, 31, 5, 878887116), (22, 377, 2, 878887117)]
 HALF_STAR_ROWS = [(1, 296, 5.0, 1147880044), (1, 306, 3.5, 1147868817), (2, 1, 0.5, 1141415820)]
 
@@ -32,7 +33,7 @@ LAYOUTS = {
     **{
         v: (f"ml-{v}", "ratings.csv", HALF_STAR_ROWS,
             lambda rows: "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
-        for v in ("20m", "25m", "32m")
+        for v in ("20m", "25m", "32m", "latest", "latest-small")
     },
 }
 
@@ -137,6 +138,93 @@ def test_amazon_finds_its_file_under_root_by_category(tmp_path):
 def test_amazon_missing_file_names_the_expected_path(tmp_path):
     with pytest.raises(RecpostError, match=f"Amazon ratings file not found: {tmp_path / 'amazon' / 'ratings_Books.csv'}"):
         Amazon(root=str(tmp_path)).load()
+
+
+# The Amazon review dumps as published: JSON lines with many fields besides the four read; 2018's
+# optional fields (vote, style with varying keys, image) come and go from row to row.
+REVIEWS_2014 = [
+    {"reviewerID": "A2SUAM1J3GNN3B", "asin": "0000013714", "reviewerName": "J. McDonald", "helpful": [2, 3],
+     "reviewText": "I bought this for my husband, who plays the piano.", "overall": 5.0,
+     "summary": "Heavenly Highway Hymns", "unixReviewTime": 1252800000, "reviewTime": "09 13, 2009"},
+    {"reviewerID": "AWYPSL1T5L6XE", "asin": "B000GFDAUG", "helpful": [0, 0], "reviewText": "Fine.",
+     "overall": 3.0, "summary": "ok", "unixReviewTime": 1384041600, "reviewTime": "11 10, 2013"},
+]
+REVIEWS_2018 = [
+    {"overall": 5.0, "verified": True, "reviewTime": "10 17, 2015", "reviewerID": "A1HP7NVNPFMA4N",
+     "asin": "0700026657", "reviewerName": "Ambrosia075", "reviewText": "This game is a bit hard.",
+     "summary": "but when you do it's great.", "unixReviewTime": 1445040000},
+    {"overall": 2.0, "vote": "1,234", "verified": False, "reviewTime": "07 27, 2015", "reviewerID": "A1JGAP0185YJI6",
+     "asin": "0700026657", "style": {"Format:": " Hardcover"}, "reviewText": "Meh", "unixReviewTime": 1437955200},
+    {"image": ["https://images-na.ssl-images-amazon.com/images/I/71eG75FTJJL._SY88.jpg"], "overall": 4.0,
+     "reviewerID": "A3KYZBWL2SN5J4", "asin": "B00004SVFT", "style": {"Size:": " 3 oz", "Color:": " Red"},
+     "unixReviewTime": 1208476800},
+]
+REVIEW_FILES = {  # (release, file) -> official file name of the Books dump
+    (2014, "reviews"): "reviews_Books.json.gz", (2014, "reviews_5core"): "reviews_Books_5.json.gz",
+    (2018, "reviews"): "Books.json.gz", (2018, "reviews_5core"): "Books_5.json.gz",
+}
+
+
+def review_rows(reviews: list[dict]) -> list[tuple]:
+    return [(r["reviewerID"], r["asin"], r["unixReviewTime"], r["overall"]) for r in reviews]
+
+
+def write_reviews(path: Path, reviews: list[dict]) -> Path:
+    """JSON lines as published: gzip when the name ends in .gz, plain otherwise."""
+    text = "".join(json.dumps(r) + "\n" for r in reviews).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(text) if path.suffix == ".gz" else text)
+    return path
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
+@pytest.mark.parametrize(("release", "file"), list(REVIEW_FILES))
+def test_amazon_reads_the_review_dumps_by_their_official_names(tmp_path, release, file, gz):
+    reviews = REVIEWS_2014 if release == 2014 else REVIEWS_2018
+    name = REVIEW_FILES[release, file]
+    write_reviews(tmp_path / "amazon" / (name if gz else name.removesuffix(".gz")), reviews)
+    source = Amazon(category="Books", file=file, release=release, root=str(tmp_path))
+    assert canonical_rows(source) == review_rows(reviews)
+
+
+def test_amazon_reads_a_review_dump_given_by_path(tmp_path):
+    path = write_reviews(tmp_path / "my-reviews.jsonl", REVIEWS_2018)
+    assert canonical_rows(Amazon(file="reviews", release=2018, path=str(path))) == review_rows(REVIEWS_2018)
+
+
+def test_amazon_2018_ratings_csv_is_item_first(tmp_path):
+    (tmp_path / "amazon").mkdir()
+    write_csv(tmp_path / "amazon" / "Books.csv", "0001713353,A1C6M8LCIX4M6M,5.0,1123804800\n0001713353,A1REUF3A1YCPHM,4.0,1112140800\n")
+    assert canonical_rows(Amazon(release=2018, root=str(tmp_path))) == [
+        ("A1C6M8LCIX4M6M", "0001713353", 1123804800, 5.0),
+        ("A1REUF3A1YCPHM", "0001713353", 1112140800, 4.0),
+    ]
+
+
+def test_amazon_review_dump_trains_through_the_datamodule(tmp_path):
+    users = [f"A{u:05d}" for u in range(4)]
+    reviews = [{"reviewerID": u, "asin": f"B{(i * 7 + n) % 9:09d}", "overall": float(1 + (i + n) % 5),
+                "unixReviewTime": 1_400_000_000 + 86_400 * i, "reviewText": "..."} for n, u in enumerate(users) for i in range(5)]
+    write_reviews(tmp_path / "amazon" / "reviews_Books_5.json.gz", reviews)
+    dm = build(Amazon(file="reviews_5core", root=str(tmp_path)), tmp_path, max_len=4)
+    assert (dm.data.n_users, len(dm.data.item)) == (4, 20)
+    assert dm.train_batch([0])["input_items"].shape[1] <= 4
+
+
+def test_amazon_missing_review_dump_names_both_spellings(tmp_path):
+    with pytest.raises(RecpostError, match="Amazon review dump not found") as info:
+        Amazon(file="reviews_5core", release=2018, root=str(tmp_path)).load()
+    assert str(tmp_path / "amazon" / "Books_5.json.gz") in str(info.value)
+    assert str(tmp_path / "amazon" / "Books_5.json") in str(info.value)
+
+
+def test_amazon_review_dump_that_is_not_json_is_one_line(tmp_path):
+    path = tmp_path / "amazon" / "reviews_Books_5.json"
+    path.parent.mkdir()
+    path.write_text("{'reviewerID': 'A1', 'asin': 'B1', 'overall': 5.0, 'unixReviewTime': 1}\n")  # Python, not JSON
+    with pytest.raises(RecpostError, match="cannot read .*reviews_Books_5.json as JSON lines") as info:
+        Amazon(file="reviews_5core", root=str(tmp_path)).load()
+    assert "\n" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------------- Table

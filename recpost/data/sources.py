@@ -108,9 +108,10 @@ class MovieLens(Source):
     """MovieLens from GroupLens, read from the official archive layout.
 
     Looks for ``<root>/ml-100k/u.data`` (or ``<root>/ml-100k.zip``), ``<root>/ml-1m/ratings.dat``,
-    ``<root>/ml-20m/ratings.csv`` (also ``25m``, ``32m``). When neither the folder nor the zip is
-    there and ``download`` is true, fetches the zip from GroupLens into ``root``; otherwise fails
-    with the path it expected.
+    ``<root>/ml-20m/ratings.csv`` (also ``25m``, ``32m``, and the ever-growing ``latest`` and
+    ``latest-small``: ``ml-latest/ratings.csv``, ``ml-latest-small/ratings.csv``). The csv releases
+    rate in half stars, 0.5..5. When neither the folder nor the zip is there and ``download`` is true,
+    fetches the zip from GroupLens into ``root``; otherwise fails with the path it expected.
 
     Args:
         variant: which MovieLens release.
@@ -124,11 +125,13 @@ class MovieLens(Source):
         "20m": ("ml-20m", "ratings.csv", ",", True, (0.5, 5.0)),
         "25m": ("ml-25m", "ratings.csv", ",", True, (0.5, 5.0)),
         "32m": ("ml-32m", "ratings.csv", ",", True, (0.5, 5.0)),
+        "latest": ("ml-latest", "ratings.csv", ",", True, (0.5, 5.0)),
+        "latest-small": ("ml-latest-small", "ratings.csv", ",", True, (0.5, 5.0)),
     }
 
     def __init__(
         self,
-        variant: Literal["100k", "1m", "20m", "25m", "32m"] = "100k",
+        variant: Literal["100k", "1m", "20m", "25m", "32m", "latest", "latest-small"] = "100k",
         root: str | None = None,
         download: bool = True,
     ) -> None:
@@ -211,45 +214,92 @@ class MovieLens(Source):
 
 
 class Amazon(Source):
-    """Amazon product ratings, the ratings-only CSV (``user,item,rating,timestamp``, no header).
+    """Amazon product reviews (McAuley et al.): the ratings-only CSVs or the review dumps, 2014 or 2018.
 
-    E.g. ``ratings_Books.csv`` from the Amazon review data (McAuley et al.). The usual 5-core filter
-    is the DataModule's ``min_interactions: 5``.
+    Unless ``path`` names the file, it is looked up under ``<root>/amazon/`` by its official name:
+
+    ============  ==========================================  =================================
+    ``file``      ``release: 2014``                            ``release: 2018``
+    ============  ==========================================  =================================
+    ratings       ``ratings_<category>.csv``                   ``<category>.csv``
+    reviews       ``reviews_<category>.json.gz``               ``<category>.json.gz``
+    reviews_5core ``reviews_<category>_5.json.gz``             ``<category>_5.json.gz``
+    ============  ==========================================  =================================
+
+    The ratings-only CSVs have no header: ``user,item,rating,timestamp`` in 2014, ``item,user,rating,
+    timestamp`` in 2018. The review dumps are JSON lines (gzip, or plain once unpacked: a ``.json``
+    without ``.gz`` is found too) of which ``reviewerID``, ``asin``, ``overall`` and ``unixReviewTime``
+    are read and every other field (texts, votes, images, styles) is skipped by the parser. The 5-core
+    dumps are already 5-core; for the others the DataModule's ``min_interactions: 5`` does it.
 
     Args:
-        category: used to find ``<root>/amazon/ratings_<category>.csv`` when ``path`` is not given.
-        path: the CSV file itself.
+        category: the product category as in the file names (``Books``, ``Movies_and_TV``, ...).
+        file: ``ratings`` (ratings-only CSV), ``reviews`` (every review) or ``reviews_5core``.
+        release: the dataset's release, which fixes the file names and the CSV column order.
+        path: the file itself (``.csv`` is read as ratings, anything else as review JSON lines).
         root: data folder; default ``$RECPOST_DATA_DIR`` or ``~/.cache/recpost/data``.
     """
 
     rating_range = (1.0, 5.0)
+    _FILES = {
+        2014: {"ratings": "ratings_{}.csv", "reviews": "reviews_{}.json.gz", "reviews_5core": "reviews_{}_5.json.gz"},
+        2018: {"ratings": "{}.csv", "reviews": "{}.json.gz", "reviews_5core": "{}_5.json.gz"},
+    }
+    _CSV_COLUMNS = {2014: ["user_id", "item_id", "rating", "timestamp"], 2018: ["item_id", "user_id", "rating", "timestamp"]}
+    _REVIEW_FIELDS = {"reviewerID": "user_id", "asin": "item_id", "unixReviewTime": "timestamp", "overall": "rating"}
+    _REVIEW_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "timestamp": pa.int64(), "rating": pa.float64()}
 
-    def __init__(self, category: str = "Books", path: str | None = None, root: str | None = None) -> None:
-        self.category = category
-        self.path = Path(path).expanduser() if path else _resolve_root(root) / "amazon" / f"ratings_{category}.csv"
+    def __init__(
+        self,
+        category: str = "Books",
+        file: Literal["ratings", "reviews", "reviews_5core"] = "ratings",
+        release: Literal[2014, 2018] = 2014,
+        path: str | None = None,
+        root: str | None = None,
+    ) -> None:
+        if release not in self._FILES or file not in self._FILES[release]:
+            raise RecpostError(f"Amazon: unknown release {release!r} or file {file!r}; use release 2014 or 2018 and "
+                               "file ratings, reviews or reviews_5core")
+        self.category, self.file, self.release = category, file, release
+        self.path = Path(path).expanduser() if path else _resolve_root(root) / "amazon" / self._FILES[release][file].format(category)
 
     @property
     def name(self) -> str:
         return f"amazon-{self.category.lower()}"
 
     def _check(self) -> Path:
-        if not self.path.is_file():
-            raise RecpostError(
-                f"Amazon ratings file not found: {self.path}; download ratings_{self.category}.csv "
-                "(ratings-only CSV: user,item,rating,timestamp) and set data.source.path or data.source.root"
-            )
-        return self.path
+        candidates = [self.path]
+        if self.path.suffix == ".gz":
+            candidates.append(self.path.with_suffix(""))  # unpacked with gunzip
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        what = "ratings file" if self.file == "ratings" else "review dump"
+        raise RecpostError(
+            f"Amazon {what} not found: {' or '.join(map(str, candidates))}; download it from the Amazon review data "
+            f"({self.release} release) and set data.source.root, or data.source.path to the file"
+        )
 
     def fingerprint(self) -> dict:
-        return {"source": "amazon", "file": _file_stamp(self._check())}
+        return {"source": "amazon", "release": self.release, "file": _file_stamp(self._check())}
 
     def load(self) -> pa.Table:
         path = self._check()
-        names = ["user_id", "item_id", "rating", "timestamp"]
-        return _read_delimited(
-            path, where=str(path), column_names=names, delimiter=",",
-            usecols={c: c for c in ("user_id", "item_id", "timestamp", "rating")}, header=False,
-        )
+        if path.name.lower().endswith((".csv", ".csv.gz")):
+            return _read_delimited(
+                path, where=str(path), column_names=self._CSV_COLUMNS[self.release], delimiter=",",
+                usecols={c: c for c in CANONICAL_COLUMNS}, header=False,
+            )
+        schema = pa.schema([(field, self._REVIEW_TYPES[canon]) for field, canon in self._REVIEW_FIELDS.items()])
+        options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        try:
+            table = pajson.read_json(path, parse_options=options)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RecpostError(
+                f"cannot read {path} as JSON lines ({str(exc).splitlines()[0]}); the Amazon review dumps hold one "
+                f"JSON object per line with {', '.join(self._REVIEW_FIELDS)}"
+            ) from None
+        return table.rename_columns([self._REVIEW_FIELDS[c] for c in table.column_names])
 
 
 class Table(Source):
