@@ -4,21 +4,33 @@ A recpost checkpoint is what Lightning's ``ModelCheckpoint`` writes: a dict with
 method module's weights: ``backbone.*``, and the method's own parts, e.g. a reward model's
 ``head.*``) and ``hyper_parameters`` (the method's init arguments, among them ``n_items``,
 ``max_len``, ``backbone`` (a :class:`~recpost.models.BackboneConfig`) and ``item_map_hash``, which
-identifies the item catalog). Everything here loads with ``torch.load(weights_only=True)``, so a
-checkpoint can carry no code.
+identifies the item catalog), plus a ``recpost`` entry written at save time (:func:`stamp`): the
+SHA-256 of the weights and the method's class path. Everything here loads with
+``torch.load(weights_only=True)``, so a checkpoint can carry no code.
 
-Every checkpoint that enters recpost goes through :func:`read_checkpoint` (a one-line error when it is
-missing or unreadable) and :func:`check_catalog` (a one-line error when it was trained on another
-catalog). Nobody else builds or reads checkpoint dicts: :func:`save_checkpoint` writes one outside a
-Trainer (``recpost bench``, tests).
+Every checkpoint that enters recpost (``--ckpt_path``, ``init_from``, ``reward_model``,
+``eval_reward_model``, ``recpost export``) goes through :func:`read_checkpoint`, the one gate: the file
+exists and is readable, loads safely, is a checkpoint, and its weights still hash to what was written
+when it was saved (a file modified or corrupted since is refused; ``RECPOST_ALLOW_EDITED_CHECKPOINTS=1``
+loads a deliberately edited one, with a warning). Then :func:`check_catalog` refuses weights trained on
+another catalog. Nobody else builds or reads checkpoint dicts: :func:`save_checkpoint` writes one
+outside a Trainer (``recpost bench``, tests).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
+import os
+import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning
 import torch
 from torch import nn
 
@@ -30,32 +42,121 @@ TRAIN_A_REWARD_MODEL = (
     "configs/method/reward_model.yaml` and pass its best.ckpt"
 )
 PASS_A_FIT_CHECKPOINT = "pass the best.ckpt of a `recpost fit` run"
+# The checkpoint entry recpost adds at save time, and the switch that accepts weights edited since.
+STAMP = "recpost"
+ALLOW_EDITED = "RECPOST_ALLOW_EDITED_CHECKPOINTS"
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def weights_sha256(state_dict: Mapping[str, Any]) -> str:
+    """SHA-256 of the weights, in key order: each name, dtype, shape and the raw bytes of its tensor
+    (so a renamed, reshaped or edited tensor changes it; any dtype, bf16 included)."""
+    digest = hashlib.sha256()
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        else:
+            digest.update(f"{name}\0{value!r}\0".encode())
+    return digest.hexdigest()
+
+
+def stamp(checkpoint: dict, class_path: str) -> dict:
+    """Add the ``recpost`` entry to a checkpoint dict about to be written: the hash of its weights (checked
+    by every load) and the class that wrote it."""
+    checkpoint[STAMP] = {"weights_sha256": weights_sha256(checkpoint["state_dict"]), "class_path": class_path}
+    return checkpoint
+
+
+def verify_weights(ckpt: Mapping[str, Any], where: str, warn: bool = True) -> None:
+    """Refuse weights that no longer hash to what was written at save time (one line), unless
+    ``RECPOST_ALLOW_EDITED_CHECKPOINTS=1``; a checkpoint from before the hash existed loads. Both cases print
+    a warning line (``warn=False``: not again, for a checkpoint that passed :func:`read_checkpoint`)."""
+    entry = ckpt.get(STAMP)
+    if not isinstance(entry, Mapping) or "weights_sha256" not in entry:
+        if warn:
+            _warn_once(f"warning: {where} has no content hash (written before recpost added one): its weights "
+                       "cannot be verified")
+        return
+    if weights_sha256(ckpt["state_dict"]) == entry["weights_sha256"]:
+        return
+    if os.environ.get(ALLOW_EDITED) == "1":
+        if warn:
+            _warn_once(f"warning: {where}: its weights changed after it was saved; loading it anyway ({ALLOW_EDITED}=1)")
+        return
+    raise RecpostError(f"{where}: its weights changed after it was saved (the file was modified or corrupted); use "
+                       f"an intact copy, or set {ALLOW_EDITED}=1 to load a deliberately edited checkpoint")
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def save_checkpoint(module: nn.Module, path: str | Path) -> Path:
     """Write ``module``'s weights and hyperparameters (a LightningModule's ``hparams``) as a checkpoint
-    that every loader here reads (what ``ModelCheckpoint`` writes, minus the trainer state)."""
+    that every loader here reads (what ``ModelCheckpoint`` writes, minus the trainer state), stamped
+    with the hash of its weights; ``recpost test --ckpt_path`` reads it as it reads a fit's checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    class_path = f"{type(module).__module__}.{type(module).__qualname__}"
+    # As LightningCLI records them (``_class_path``, dataclasses as dicts), so that ``--ckpt_path`` rebuilds the
+    # method from them.
+    hparams = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in module.hparams.items()}
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": {"_class_path": class_path, **hparams},
+                  "pytorch-lightning_version": lightning.__version__}
+    torch.save(stamp(checkpoint, class_path), path)
     return path
 
 
 def read_checkpoint(path: str | Path, what: str, how: str = PASS_A_FIT_CHECKPOINT) -> dict:
-    """Load a checkpoint with ``weights_only=True``; one-line ``RecpostError`` if missing or unreadable.
+    """Load a checkpoint through the gate (see the module docstring); one-line ``RecpostError`` on the
+    first problem: missing, a folder, unreadable, empty, not a safe PyTorch file, not a checkpoint, or
+    weights changed since it was saved.
 
     ``what`` names the config key (e.g. ``model.init_from``), ``how`` says how to get a good one.
     """
     ckpt_path = Path(path).expanduser()
+    if ckpt_path.is_dir():
+        raise RecpostError(f"{what}: {ckpt_path} is a folder, not a checkpoint file; {how}")
     if not ckpt_path.is_file():
         raise RecpostError(f"{what}: checkpoint not found: {ckpt_path}; {how}")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        with ckpt_path.open("rb") as fh:
+            empty = not fh.read(1)
+    except OSError as exc:
+        raise RecpostError(f"{what}: cannot read {ckpt_path} ({exc.strerror}); check its permissions") from None
+    if empty:
+        raise RecpostError(f"{what}: {ckpt_path} is empty (0 bytes): an interrupted save or copy; {how}")
+    try:
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it may not read: the outcome says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a recpost checkpoint"
-        raise RecpostError(f"{what}: cannot load {ckpt_path} as a checkpoint ({str(exc).splitlines()[0]})") from None
+        raise RecpostError(f"{what}: {_load_failure(ckpt_path, exc)}; {how}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise RecpostError(f"{what}: {ckpt_path} is not a recpost checkpoint (no state_dict); {how}")
+    verify_weights(ckpt, f"{what} {ckpt_path}")
     return ckpt
+
+
+def _load_failure(ckpt_path: Path, exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words (torch's own message spans lines)."""
+    text = str(exc)
+    code = re.search(r"GLOBAL (\S+)", text)
+    if code is not None:
+        return (f"{ckpt_path} would run Python code when loaded ({code.group(1)}); refused: recpost loads only "
+                "tensors and plain values (weights_only=True)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = ""
+    if isinstance(exc, (RuntimeError, pickle.UnpicklingError)) and lines:
+        detail = lines[-2] if "Weights only load failed" in text and len(lines) > 1 else lines[0]
+        detail = f" ({detail.split('. ')[0].rstrip('.')})"
+    return f"cannot load {ckpt_path}: not a PyTorch checkpoint, or truncated or corrupted{detail}"
 
 
 def check_catalog(hparams: Mapping[str, Any], item_map_hash: str, where: str | Path) -> None:

@@ -1,35 +1,43 @@
-"""``recpost`` command line: ``fit | validate | test | predict`` (LightningCLI), ``experiment``, ``bench``.
+"""``recpost`` command line: ``fit | validate | test | predict`` (LightningCLI) and the ``FUNCTION_COMMANDS``
+(``experiment``, ``bench``, ...); ``recpost --help`` lists them all.
 
 ``model.class_path`` picks the method (``recpost.methods.SFT``, ...); ``data.n_items``,
 ``data.item_map_hash`` and ``data.max_len`` are linked into the model. Configs compose left to
 right after the subcommand: ``recpost fit --config data.yaml --config method.yaml --trainer.max_epochs 5``.
 
-Every run writes into its own folder under ``trainer.default_root_dir`` (the layout is
-``recpost.runs.RunFolder``): ``config.yaml``, ``metrics.csv``, ``checkpoints/best.ckpt`` (best
-``val/ndcg@10``) for ``fit``, and ``val_metrics.json`` / ``test_metrics.json`` for ``validate`` / ``test``.
+Where files go is ``recpost.runs``: a fit writes ``<trainer.default_root_dir>/lightning_logs/version_N/``
+(``config.yaml``, ``metrics.csv``, ``checkpoints/best.ckpt`` and ``checkpoints/last.ckpt``) and ends by
+printing the best checkpoint and its score; ``--ckpt_path last`` continues the newest run in its folder,
+exactly. ``validate`` / ``test`` / ``predict`` of a run's checkpoint write next to it
+(``<run>/test/version_K/test_metrics.json``, ...). Every ``--ckpt_path`` passes the checkpoint gate
+(``recpost.checkpoint.read_checkpoint``) before Lightning opens it. A user's mistake ends with one line on
+stderr and exit code 2 (``recpost.console``, ``recpost.arguments``).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-import logging
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from recpost.arguments import EVAL_TIME_SETTINGS, explain_parse_error, given_model_settings, refuse_training_flags
+from recpost.callbacks import ElapsedTime, FitSummary, ResumeCheckpoint
+from recpost.checkpoint import read_checkpoint
+from recpost.console import configure_output, quiet_evaluation_warnings, quiet_resume_warnings, user_error
 from recpost.data import RecDataModule
 from recpost.errors import RecpostError
 from recpost.methods import RecModule
-from recpost.runs import BEST_CHECKPOINT, RunFolder
+from recpost.runs import BEST_CHECKPOINT, LOGS_DIR, RunFolder, resume_point, run_folders, writable_folder
 
 DEFAULT_ROOT_DIR = "runs"
 MONITOR = "val/ndcg@10"
-# Model arguments that only change evaluation: at test time the command line wins over the checkpoint.
-EVAL_TIME_ARGS = ("eval_reward_model",)
 
 
 class MetricsWriter(L.Callback):
@@ -120,7 +128,8 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class RecpostCLI(LightningCLI):
-    """LightningCLI with recpost's links, best-checkpoint selection and default CSV logging."""
+    """LightningCLI with recpost's links, best-checkpoint selection, default CSV logging, the checkpoint gate
+    for ``--ckpt_path`` and parse errors in one line."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.max_len", "model.init_args.max_len")
@@ -135,37 +144,96 @@ class RecpostCLI(LightningCLI):
             "trainer.default_root_dir": DEFAULT_ROOT_DIR,
         })
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse; a bad key or value becomes one line naming it (and the closest accepted key)."""
+        self.argv = list(sys.argv[1:] if args is None else args)
+        self.checkpoint: dict | None = None  # the --ckpt_path checkpoint, once through the gate
+        self.run_of_checkpoint: RunFolder | None = None
+        self.resumes_in_place = False  # a fit continuing its own run folder
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            sub = next((a for a in self.argv if a in self._subcommand_parsers), None)
+            known = [o.lstrip("-") for o in self._subcommand_parsers[sub]._option_string_actions] if sub else []
+            raise RecpostError(explain_parse_error(str(exc), known)) from None
+
     def _parse_ckpt_path(self) -> None:
-        """Lightning fills the model's arguments from ``--ckpt_path``'s hyperparameters, over the
-        command line. Evaluation-only arguments given on the command line (``eval_reward_model``: score
-        a trained policy with another reward model at test time) are put back on top."""
+        """``--ckpt_path`` through the checkpoint gate before Lightning opens it (``last`` / ``best``: the
+        newest run's). Lightning then fills the model's settings from the checkpoint, over the command line;
+        evaluation-time settings given on the command line or in a config are put back on top, and a
+        training-only setting given as a flag that differs from the checkpoint is refused."""
         sub = self.config.get("subcommand")
-        given = {}
-        if sub and self.config[sub].get("ckpt_path"):
-            init_args = self.config[sub].get("model", {}).get("init_args") or {}
-            given = {k: init_args.get(k) for k in EVAL_TIME_ARGS if init_args.get(k) is not None}
-        super()._parse_ckpt_path()
-        for key, value in given.items():
-            self.config[sub]["model"]["init_args"][key] = value
+        value = self.config[sub].get("ckpt_path") if sub else None
+        if not value or value in ("hpc", "registry") or str(value).startswith("registry:"):
+            super()._parse_ckpt_path()
+            return
+        root = self.config[sub]["trainer"].get("default_root_dir") or DEFAULT_ROOT_DIR
+        path = resume_point(root) if value == "last" else _best_of_newest_run(root) if value == "best" else Path(value)
+        self.checkpoint = read_checkpoint(path, "--ckpt_path")
+        if sub == "fit" and "loops" not in self.checkpoint:
+            raise RecpostError(f"--ckpt_path {path} holds weights only, no training state to resume; to start a new "
+                               "fit from its weights use --model.init_args.init_from")
+        self.config[sub]["ckpt_path"] = str(path)
+        self.run_of_checkpoint = RunFolder.of_checkpoint(path)
+        flags, in_files = given_model_settings(self.argv)
+        init_args = (self.config[sub].get("model") or {}).get("init_args") or {}
+        refuse_training_flags(flags, init_args, self.checkpoint.get("hyper_parameters", {}), str(path))
+        given = {flag.split(".")[0] for flag in flags} | in_files
+        keep = {k: init_args.get(k) for k in EVAL_TIME_SETTINGS if k in given}
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as exc:
+            raise RecpostError(f"--ckpt_path {path}: its hyperparameters do not fit the model "
+                               f"({explain_parse_error(str(exc))}); is it a recpost checkpoint?") from None
+        for key, setting in keep.items():
+            self.config[sub]["model"]["init_args"][key] = setting
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
+        root = trainer.get("default_root_dir") or DEFAULT_ROOT_DIR
+        writable_folder(root, "trainer.default_root_dir")
         logger = trainer.get("logger")
         if logger is not False:
             # CSV logs always (no TensorBoard dependency), first, so that trainer.log_dir (metrics.csv,
             # checkpoints, *_metrics.json) is the CSV folder; W&B and others come through trainer.logger.
             loggers = [] if logger in (None, True) else list(logger) if isinstance(logger, list) else [logger]
             if not any("CSVLogger" in str(_class_path(lg)) for lg in loggers):
-                loggers.insert(0, {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": trainer.get("default_root_dir") or DEFAULT_ROOT_DIR},
-                })
+                loggers.insert(0, {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": self._csv_folder(root)})
             trainer["logger"] = loggers[0] if len(loggers) == 1 else loggers
-        callbacks = trainer.get("callbacks") or []
-        trainer["callbacks"] = [*callbacks, {"class_path": "recpost.cli.MetricsWriter"}]
-        if self.subcommand == "predict":
-            trainer["callbacks"].append({"class_path": "recpost.cli.PredictionWriter"})
+        if self.subcommand in ("validate", "test", "predict"):
+            quiet_evaluation_warnings()
+        callbacks = list(trainer.get("callbacks") or [])
+        wanted = ["recpost.cli.MetricsWriter"] + (["recpost.cli.PredictionWriter"] if self.subcommand == "predict" else [])
+        present = {str(_class_path(cb)).rpartition(".")[2] for cb in callbacks}
+        trainer["callbacks"] = callbacks + [{"class_path": c} for c in wanted if c.rpartition(".")[2] not in present]
+
+    def _csv_folder(self, root: str) -> dict:
+        """Where the CSV logger (and so the run's files) goes: a fit resumed from its own run's checkpoint
+        continues in that run's folder; validate / test / predict of a checkpoint inside a run folder write
+        next to it (``<run>/test/version_K``), unless ``--trainer.default_root_dir`` is given on the
+        command line; otherwise a new ``<default_root_dir>/lightning_logs/version_N``."""
+        run, root = self.run_of_checkpoint, Path(root).expanduser().resolve()  # absolute: resumes match it
+        if run is not None and self.subcommand == "fit" and run.path.parent == root / LOGS_DIR:
+            quiet_resume_warnings()
+            self.resumes_in_place = True
+            return {"save_dir": str(root), "version": run.version}
+        root_given = any(a.split("=")[0] == "--trainer.default_root_dir" for a in self.argv)
+        if run is not None and self.subcommand != "fit" and not root_given:
+            return {"save_dir": str(run.path), "name": self.subcommand}
+        return {"save_dir": str(root)}
+
+    def before_fit(self) -> None:
+        resume = next((cb for cb in self.trainer.callbacks if isinstance(cb, ResumeCheckpoint)), None)
+        if resume is not None and self.resumes_in_place and self.checkpoint is not None:
+            resume.keep_rows(self.run_of_checkpoint.metrics_csv, self.checkpoint)
+
+
+def _best_of_newest_run(root: str) -> Path:
+    runs = [run for run in run_folders(root) if run.best_checkpoint.is_file()]
+    if not runs:
+        raise RecpostError(f"--ckpt_path best: no run under {Path(root) / LOGS_DIR} has a best checkpoint; pass a path")
+    return runs[-1].best_checkpoint
 
 
 def _class_path(logger) -> str:
@@ -177,22 +245,57 @@ def _class_path(logger) -> str:
 
 
 def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:
+    no_exit = {"exit_on_error": False}
     return RecpostCLI(
         RecModule,
         RecDataModule,
         subclass_mode_model=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [ResumeCheckpoint(), FitSummary(), ElapsedTime()]},
+        parser_kwargs={**no_exit, **{sub: no_exit for sub in LIGHTNING_COMMANDS}},
         args=args,
     )
 
+
+# LightningCLI's commands, as `recpost --help` lists them.
+LIGHTNING_COMMANDS = {
+    "fit": "train a method; keeps checkpoints/best.ckpt (best val/ndcg@10) and checkpoints/last.ckpt (resume point)",
+    "validate": "validation metrics of a checkpoint -> val_metrics.json",
+    "test": "test metrics of a checkpoint -> test_metrics.json and test_per_user.csv",
+    "predict": "top-10 unseen items per user from a checkpoint -> predictions.csv",
+}
 
 # Commands that are plain typed functions (litgpt's style), beside LightningCLI's fit/validate/test/predict:
 # name -> (module, function). The function's signature and docstring are its command line and --help.
 FUNCTION_COMMANDS = {
     "experiment": ("recpost.experiment", "experiment"),
     "bench": ("recpost.bench", "bench"),
+    "export": ("recpost.export", "export"),
+    "recommend": ("recpost.serve", "recommend"),
 }
+
+
+def overview() -> str:
+    """``recpost --help``: every command with one line (a function command's line is its docstring's first)."""
+    lines = ["usage: recpost <command> [options]        (recpost <command> --help: the command's options)", "",
+             "Post-training for generative recommenders, on PyTorch Lightning.", "", "commands:"]
+    commands = {**LIGHTNING_COMMANDS, **{name: _first_doc_line(*where) for name, where in FUNCTION_COMMANDS.items()}}
+    width = max(map(len, commands))
+    lines += [f"  {name:<{width}}  {line}" for name, line in commands.items()]
+    return "\n".join(lines)
+
+
+def _first_doc_line(module: str, function: str) -> str:
+    """The first docstring line of ``module.function``, read from the source (no import: --help stays fast)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text())
+    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function), None)
+    doc = ast.get_docstring(fn) if fn is not None else None
+    return doc.splitlines()[0].rstrip(".") if doc else ""
 
 
 def run_function_cli(name: str, args: list[str]) -> None:
@@ -212,35 +315,38 @@ def run_function_cli(name: str, args: list[str]) -> None:
     flags = {f"--{p.replace('_', '-')}": f"--{p}=true" for p, param in inspect.signature(fn).parameters.items()
              if param.annotation in (bool, "bool") and "_" in p}
     args = [flags.get(a, a) for a in args]
-    parser = ArgumentParser(prog=f"recpost {name}", description=fn.__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=f"recpost {name}", description=fn.__doc__.splitlines()[0], exit_on_error=False)
     parser.add_function_arguments(fn)
-    fn(**parser.parse_args(args).as_dict())
+    try:
+        parsed = parser.parse_args(args)
+    except ArgumentError as exc:
+        raise RecpostError(explain_parse_error(str(exc), [o.lstrip("-") for o in parser._option_string_actions])) from None
+    fn(**parsed.as_dict())
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``recpost`` console script and ``python -m recpost``."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(overview())
+        sys.exit(0 if args else 2)
+    configure_output()
     try:
-        if args[:1] and args[0] in FUNCTION_COMMANDS:
+        if args[0] in FUNCTION_COMMANDS:
             run_function_cli(args[0], args[1:])
+        elif not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
+            known = [*LIGHTNING_COMMANDS, *FUNCTION_COMMANDS]
+            close = difflib.get_close_matches(args[0], known, n=1)
+            raise RecpostError(f"no command {args[0]!r}" + (f"; did you mean {close[0]}?" if close else "")
+                               + " (recpost --help lists the commands)")
         else:
             run_lightning_cli(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else propagates
-        user_error = _user_error(exc)
-        if user_error is None:
+        message = user_error(exc)
+        if message is None:
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-def _user_error(exc: BaseException | None) -> RecpostError | None:
-    """The ``RecpostError`` behind ``exc``, if any: jsonargparse wraps errors raised while it
-    instantiates a subclass (e.g. ``model.lam: 0``) in its own exception."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, RecpostError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None

@@ -42,14 +42,18 @@ _METRIC_WORDS = {
     "eval_rm_reward@10": "evaluator RM's rating of the top 10",
 }
 _SPLITS = {"val": "validation", "test": "test"}
+# Units of the metrics that have one (ratings and rewards are on the data's star scale).
+_METRIC_UNITS = {"true_reward@10": "stars", "rm_reward@10": "stars", "eval_rm_reward@10": "stars", "rating@10": "stars"}
 
 
 def metric_label(metric: str) -> str:
-    """``split/name`` in words: ``test/ndcg@10`` -> ``NDCG@10 (test)``."""
+    """``split/name`` in words, with its unit: ``test/true_reward@10`` -> ``true reward of the top 10 (stars,
+    test)``; ``test/ndcg@10`` -> ``NDCG@10 (test)``."""
     split, _, name = metric.partition("/")
-    if not name:
-        return _METRIC_WORDS.get(metric, metric)
-    return f"{_METRIC_WORDS.get(name, name)} ({_SPLITS.get(split, split)})"
+    name = name or split
+    words, unit = _METRIC_WORDS.get(name, name), _METRIC_UNITS.get(name)
+    where = [part for part in (unit, _SPLITS.get(split, split) if metric.count("/") else None) if part]
+    return f"{words} ({', '.join(where)})" if where else words
 
 
 def curve_x_label(method: str) -> str:
@@ -83,7 +87,7 @@ def metric_vs_lambda(rows: list[dict], metric: str, path: Path, method: str = "e
     if chosen:
         ax.axvline(chosen[0], color="tab:green", alpha=0.3, linewidth=6, label="chosen on val")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("lambda (log scale)")
+    ax.set_xlabel("lambda (reward units, log scale)")
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{method}: {metric_label(metric)} vs lambda", fontsize=10)
     ax.legend(fontsize=8)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -22,7 +24,8 @@ __all__ = [
     "TINY_BACKBONE", "TINY_CONFIG", "RunFolder", "assert_same_loss_and_gradients", "build", "init_reward_biases", "last_metrics", "latest_run",
     "metrics_rows", "pretrained_checkpoint",
     "recpost", "reward_model_checkpoint", "save_checkpoint", "tiny_datamodule", "write_tiny_config",
-    "write_tiny_interactions",
+    "write_tiny_interactions", "KillAfterBatches", "edited_checkpoint", "flipped_checkpoint", "unwritable_folder",
+    "children_of", "is_running", "recpost_cases",
 ]
 
 TINY_BACKBONE = BackboneConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.1)
@@ -90,9 +93,10 @@ def tiny_datamodule(tmp_path: Path, **kw) -> RecDataModule:
 
 # ----------------------------------------------------------------------------------- tiny modules and checkpoints
 def build(cls, dm: RecDataModule, seed: int = 0, **kw):
-    """A method module of class ``cls`` for ``dm``'s catalog with the tiny backbone, seeded."""
+    """A method module of class ``cls`` for ``dm``'s catalog with the tiny backbone (or ``backbone=``), seeded."""
     torch.manual_seed(seed)
-    return cls(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=dm.max_len, backbone=TINY_BACKBONE, **kw)
+    kw = {"backbone": TINY_BACKBONE, **kw}
+    return cls(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=dm.max_len, **kw)
 
 
 def init_reward_biases(rm: RewardModel, dm: RecDataModule) -> RewardModel:
@@ -102,13 +106,13 @@ def init_reward_biases(rm: RewardModel, dm: RecDataModule) -> RewardModel:
     return rm
 
 
-def pretrained_checkpoint(dm: RecDataModule, path: Path) -> Path:
-    return save_checkpoint(build(SFT, dm), path)
+def pretrained_checkpoint(dm: RecDataModule, path: Path, **kw) -> Path:
+    return save_checkpoint(build(SFT, dm, **kw), path)
 
 
-def reward_model_checkpoint(dm: RecDataModule, path: Path, steps: int = 3, seed: int = 0) -> Path:
+def reward_model_checkpoint(dm: RecDataModule, path: Path, steps: int = 3, seed: int = 0, **kw) -> Path:
     """A RewardModel started at the baseline predictor and trained a few steps on the tiny data."""
-    rm = build(RewardModel, dm, seed=seed)
+    rm = build(RewardModel, dm, seed=seed, **kw)
     init_reward_biases(rm, dm)
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-2)
     for i in range(steps):
@@ -120,12 +124,67 @@ def reward_model_checkpoint(dm: RecDataModule, path: Path, steps: int = 3, seed:
 
 
 # ----------------------------------------------------------------------------------- the real CLI
-def recpost(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m recpost <args>`` in a subprocess; returns the completed process (output captured)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def recpost(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m recpost <args>`` in a subprocess (``env``: variables to add); returns the completed
+    process (output captured)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "recpost", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
     )
+
+
+# Runs each case of `recpost_cases` in its own process forked from one that imported recpost once.
+_FORKING_RUNNER = r"""
+import json, os, sys, tempfile, traceback
+import recpost.cli
+cases = json.load(sys.stdin)
+results = {}
+for name, (args, env) in cases.items():
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        os.environ.update(env)
+        sys.argv = ["recpost", *args]
+        code = 0
+        try:
+            recpost.cli.main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    results[name] = [os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()]
+json.dump(results, sys.stdout)
+"""
+
+
+def recpost_cases(cases: dict[str, tuple[list[str], dict]], cwd: Path | None = None,
+                  timeout: int = 600) -> dict[str, subprocess.CompletedProcess]:
+    """Run ``recpost <args>`` for each named case (with its environment variables added): each in its own
+    process, through the real entry point (``recpost.cli.main``), with its own stdout, stderr and exit code.
+    The processes are forked from one that imported recpost once, so a case costs its own work, not an
+    interpreter start and the imports (~6 s each on a loaded 2-core machine)."""
+    import json
+
+    # Classes a config names (a test's callback) import from ``cwd`` even while jsonargparse reads a config
+    # file from inside that file's folder.
+    path = os.pathsep.join(p for p in (str(cwd or Path.cwd()), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", _FORKING_RUNNER], input=json.dumps(
+        {name: [list(map(str, args)), case_env] for name, (args, case_env) in cases.items()}),
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"the forking runner failed:\n{done.stderr[-3000:]}")
+    return {name: subprocess.CompletedProcess(["recpost", *map(str, cases[name][0])], code, out, err)
+            for name, (code, out, err) in json.loads(done.stdout).items()}
 
 
 def metrics_rows(run: RunFolder) -> list[dict[str, str]]:
@@ -155,3 +214,73 @@ def assert_same_loss_and_gradients(first, second, batch, seed: int | None = None
     assert torch.allclose(loss_a, loss_b, rtol=1e-6)
     for g_a, g_b in zip(grads_a, grads_b):
         assert torch.allclose(g_a, g_b, rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------- damaged files, interrupts
+def edited_checkpoint(source: Path, path: Path) -> Path:
+    """A copy of ``source`` whose weights were changed after it was saved (its content hash left as it was)."""
+    ckpt = torch.load(source, map_location="cpu", weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    ckpt["state_dict"][name] = ckpt["state_dict"][name] + 0.01
+    torch.save(ckpt, path)
+    return path
+
+
+def flipped_checkpoint(source: Path, path: Path, n_bytes: int = 64) -> Path:
+    """A copy of ``source`` with ``n_bytes`` inverted in the middle of its largest tensor: the file still
+    loads (torch does not check the zip records' CRC), only the weights changed, as on a bad disk or copy."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(source.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[record.header_offset + 26:record.header_offset + 30])
+    middle = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    raw[middle:middle + n_bytes] = bytes(b ^ 0xFF for b in raw[middle:middle + n_bytes])
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder nothing can be created in: read-only permissions, or (as root, who ignores them) a path
+    under /sys, where not even root can create a folder."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    return Path("/sys/recpost-read-only-test")
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class KillAfterBatches(L.Callback):
+    """Kills its own process (SIGKILL: no cleanup, nothing flushed) after ``batches`` training batches, to
+    test resuming a run stopped mid-epoch; add it with a ``trainer.callbacks`` config."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.batches:
+            os.kill(os.getpid(), signal.SIGKILL)

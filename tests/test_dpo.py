@@ -10,7 +10,7 @@ import torch
 
 from recpost.errors import RecpostError
 from recpost.methods import DPO
-from recpost.methods.dpo import dpo_loss, logged_pairs
+from recpost.methods.dpo import dpo_loss, first_seen, logged_pairs
 from tests.helpers import (
     build,
     last_metrics,
@@ -74,10 +74,19 @@ def test_logged_pairs_choose_the_higher_rating_and_skip_ties():
 def test_logged_pairs_never_use_an_item_of_the_states_history():
     items = torch.tensor([[1, 2, 3]])
     ratings = torch.tensor([[1.0, 5.0, 3.0]])
-    seen = torch.zeros(1, 3, 5, dtype=torch.bool)
-    seen[0, 0, 2] = True  # item 2 already had at state 0
-    chosen, rejected, valid = logged_pairs(items, ratings, torch.ones(1, 3, dtype=torch.bool), seen)
+    seen_at = torch.tensor([[3, -1, 3]])  # item 2 was had before the window: every state has had it
+    chosen, rejected, valid = logged_pairs(items, ratings, torch.ones(1, 3, dtype=torch.bool), seen_at)
     assert valid[0, 0] and {chosen[0, 0].item(), rejected[0, 0].item()} == {1, 3}
+    assert not valid[0, 1]  # the logged item itself was had: no pair
+
+
+def test_first_seen_finds_when_a_state_first_had_each_next_item():
+    inputs = torch.tensor([[0, 7, 4, 9]])  # window inputs
+    nexts = torch.tensor([[0, 4, 9, 5]])  # the item after each input position (a keep_repeats window: 5 again)
+    earlier = torch.tensor([[5, 0]])  # 5 was had before the window
+    # 4 and 9 are first had as inputs at 2 and 3 (right after their positions); 5 before the window (-1);
+    # position 0 has no next item (never had: L = 4)
+    assert first_seen(nexts, inputs, earlier).tolist() == [[4, 2, 3, -1]]
 
 
 def test_reward_model_pairs_are_ranked_by_the_reward_model(rlhf_setup):

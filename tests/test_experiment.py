@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +67,23 @@ def test_experiment_runs_every_stage_writes_tables_and_resumes(tmp_path, tiny_co
     assert {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")} == before
 
 
-def test_failed_stage_is_recorded_not_dropped(tmp_path, tiny_config):
+def test_failed_stage_is_recorded_not_dropped(tmp_path, tiny_config, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(Runner, "_recpost", _stand_in_cli([], fail_fit={out / "seed0" / "exp_sft" / "default"}))
+    cfg = _study(tmp_path, tiny_config, f"  exp_sft:\n    config: {ROOT / 'configs/method/exp_sft.yaml'}\n")
+    experiment(str(cfg), output_dir=str(out))
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert "fit exited 1" in rows[1]["error"]
+
+
+def test_a_bad_setting_in_a_method_config_stops_before_any_stage(tmp_path, tiny_config):
     bad = tmp_path / "bad_method.yaml"
     bad.write_text("model:\n  class_path: recpost.methods.ExpSFT\n  init_args:\n    lam: -1\n")
     cfg = _study(tmp_path, tiny_config, f"  exp_sft:\n    config: {bad}\n")
-    out = experiment(str(cfg), output_dir=str(tmp_path / "out"))
-    rows = json.loads((out / "results.json").read_text())
-    assert [r["status"] for r in rows] == ["ok", "failed"]
+    with pytest.raises(RecpostError, match=re.escape("methods.exp_sft: model.lam must be > 0 and finite (got -1)")):
+        experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_grid_is_rejected(tmp_path, tiny_config):
@@ -464,3 +475,136 @@ def test_the_reward_model_table_reports_how_alike_the_two_reward_models_err(tmp_
     line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("Correlation"))
     expected = np.corrcoef(shared, shared + own)[0, 1]  # ~0.71: half of the evaluator's error is its own
     assert f"{expected:.3f}" in line
+
+
+# ----------------------------------------------------------------------------------- checks, lines, interrupts
+def test_a_grid_key_the_method_does_not_take_is_refused_with_the_closest_one(tmp_path, tiny_config):
+    cfg = _study(tmp_path, tiny_config, "  exp_sft:\n    grid:\n      lamm: [0.5]\n")
+    with pytest.raises(RecpostError, match=re.escape("methods.exp_sft.grid.lamm: ExpSFT has no setting 'lamm'; "
+                                                     "did you mean lam?")):
+        load_study(str(cfg))
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("  exp_sft:\n    grid:\n      lam: [1.0, 0]\n", "methods.exp_sft (lam=0): model.lam must be > 0"),
+    ("  sft:\n    overrides: ['--model.init_args.num_negatives=0']\n", "model.num_negatives must be an integer >= 1"),
+    ("  dpo:\n    grid:\n      beta: [-1]\n", "methods.dpo (beta=-1): model.beta must be > 0"),
+    ("  sft:\n    epochs: 0\n", "sft.epochs must be an integer >= 1"),
+])
+def test_every_stage_setting_is_checked_before_any_stage_runs(tmp_path, tiny_config, methods, message):
+    rm = f"reward_model:\n  config: {ROOT / 'configs/method/reward_model.yaml'}\n" if "dpo" in methods else ""
+    cfg = _study(tmp_path, tiny_config, methods)
+    cfg.write_text(cfg.read_text() + rm)
+    with pytest.raises(RecpostError, match=re.escape(message)):
+        experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_lines_come_in_the_order_stages_ran_and_reused_stages_say_so(tmp_path, tiny_config, monkeypatch, capsys):
+    monkeypatch.setattr(Runner, "_recpost", _stand_in_cli([]))
+    cfg, out = _rlhf_study(tmp_path, tiny_config), tmp_path / "out"
+    experiment(str(cfg), output_dir=str(out))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("seed 0")]
+    assert [line.split(":")[0] for line in lines[:4]] == [
+        "seed 0 base", "seed 0 reward_model", "seed 0 eval_reward_model", "seed 0 base"]  # base fitted first
+    assert lines[0].startswith("seed 0 base: fitted val/ndcg@10=") and lines[3].startswith("seed 0 base: ok")
+    experiment(str(cfg), output_dir=str(out))
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("seed 0")]
+    assert len(again) == 8 and all(": reused (ok " in line for line in again)
+
+
+def test_an_unreadable_stage_record_means_the_stage_is_run_again(tmp_path, tiny_config, monkeypatch, capsys):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(Runner, "_recpost", _stand_in_cli(calls))
+    cfg, out = _study(tmp_path, tiny_config, "  sft: {}\n"), tmp_path / "out"
+    experiment(str(cfg), output_dir=str(out))
+    record = out / "seed0" / "sft" / "default" / "stage.json"
+    record.write_text(record.read_text()[:40])  # as a crash in the middle of a write would leave it
+    calls.clear()
+    capsys.readouterr()
+    experiment(str(cfg), output_dir=str(out))
+    printed = capsys.readouterr().out
+    assert f"warning: {record} cannot be read (JSONDecodeError); the stage is run again" in printed
+    assert [c[0] for c in calls] == ["fit", "test"] and str(record.parent) in calls[0][-3]  # only that stage
+    assert json.loads(record.read_text())["status"] == "ok"
+
+
+def test_the_output_folder_is_locked_while_an_experiment_runs(tmp_path, tiny_config, monkeypatch):
+    from filelock import FileLock, Timeout
+
+    from recpost.experiment.runner import LOCK
+
+    seen = []
+    stand_in = _stand_in_cli([])
+
+    def run(self, args, *rest, **kw):
+        with pytest.raises(Timeout):  # a second runner could not take the folder now
+            FileLock(str(tmp_path / "out" / LOCK)).acquire(timeout=0)
+        seen.append(args[0])
+        return stand_in(self, args, *rest, **kw)
+
+    monkeypatch.setattr(Runner, "_recpost", run)
+    cfg = _study(tmp_path, tiny_config, "  sft: {}\n")
+    experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    assert seen
+    with FileLock(str(tmp_path / "out" / LOCK)):  # held by another experiment: refused before anything runs
+        with pytest.raises(RecpostError, match="is in use by another `recpost experiment`"):
+            experiment(str(cfg), output_dir=str(tmp_path / "out"))
+    FileLock(str(tmp_path / "out" / LOCK)).acquire(timeout=0)  # released when the experiment ended
+
+
+def _new_training_run(runner, fit_root: Path, before: int) -> int:
+    """Wait until the runner's child has started training a new run under ``fit_root``; the child's pid."""
+    from tests.helpers import children_of
+
+    deadline = time.time() + 240
+    while time.time() < deadline and runner.poll() is None:
+        children = children_of(runner.pid)
+        if children and len(run_folders(fit_root)) > before:
+            return children[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no training started under {fit_root}: {runner.communicate()}")
+
+
+@pytest.mark.slow
+def test_an_interrupted_experiment_leaves_no_process_behind_and_resumes(tmp_path, tiny_config):
+    """SIGINT of the runner stops its child and exits 130; SIGKILL of the runner takes its child with it (a
+    parent-death signal); the next run redoes the interrupted stage. (Reusing finished stages: the tests above.)"""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import is_running, pretrained_checkpoint, recpost, tiny_datamodule
+
+    cfg, out = _study(tmp_path, tiny_config, "  sft:\n    epochs: 5\n"), tmp_path / "out"
+    base = pretrained_checkpoint(tiny_datamodule(tmp_path), tmp_path / "base.ckpt")  # no pretraining stage: faster
+    cfg.write_text(cfg.read_text() + f"pretrained: {base}\n")
+    command = [sys.executable, "-m", "recpost", "experiment", "--config", str(cfg), "--output_dir", str(out)]
+    sft_fit = out / "seed0" / "sft" / "default" / "fit"
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        runner = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        child = _new_training_run(runner, sft_fit, len(run_folders(sft_fit)))
+        runner.send_signal(sig)
+        stdout, _ = runner.communicate(timeout=120)
+        deadline = time.time() + 30
+        while is_running(child) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not is_running(child), f"the training child {child} outlived its runner ({sig.name})"
+        assert runner.returncode == (130 if sig == signal.SIGINT else -9)
+        if sig == signal.SIGINT:
+            assert "seed 0 sft: interrupted (SIGINT); run the same command again to resume" in stdout
+    done = recpost("experiment", "--config", str(cfg), "--output_dir", str(out), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "seed 0 sft: ok" in done.stdout
+    assert [(r["method"], r["status"]) for r in json.loads((out / "results.json").read_text())] == [("sft", "ok")]
+
+
+def test_figure_axes_are_words_with_units_and_each_method_its_own_x_axis(tmp_path, tiny_config):
+    from recpost.experiment.report import Report
+    from recpost.figures import metric_label
+
+    assert metric_label("test/ndcg@10") == "NDCG@10 (test)"
+    assert metric_label("val/true_reward@10") == "true reward of the top 10 (stars, validation)"
+    plan = build_plan(load_study(str(_rlhf_study(tmp_path, tiny_config))), tmp_path / "out")
+    labels = Report(plan).curve_labels
+    assert labels["ppo"] == "PPO rollouts (training batches)" and labels["dpo"] == "training batches"

@@ -122,10 +122,11 @@ def test_two_torchrun_nodes_train_one_model_and_write_one_checkpoint(tiny_config
     versions = run_folders(runs)
     assert [v.version for v in versions] == [0]
     ckpts = sorted(runs.rglob("*.ckpt"))
-    assert ckpts == [versions[0].best_checkpoint]
-    # One epoch: the checkpoint holds the weights both ranks finished with.
-    state = torch.load(ckpts[0], weights_only=True)["state_dict"]
-    assert weights_hash(state) == ranks[0]["weights_sha256"]
+    assert ckpts == sorted([versions[0].best_checkpoint, versions[0].last_checkpoint])  # each written once
+    # One epoch: the checkpoints hold the weights both ranks finished with.
+    for ckpt in ckpts:
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert weights_hash(state) == ranks[0]["weights_sha256"], ckpt.name
 
     # Evaluation over both nodes counted every one of the 101 users exactly once.
     header, *rows = versions[0].metrics_csv.read_text().splitlines()

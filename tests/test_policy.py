@@ -15,9 +15,8 @@ from recpost.methods.policy import (
     kl_k1,
     kl_k3,
     masked_log_probs,
-    prefix_history_mask,
     sample_items,
-    state_history_mask,
+    state_history,
     top_k_reward,
 )
 from recpost.models import disable_dropout, frozen_copy
@@ -31,37 +30,42 @@ def _log(p: torch.Tensor) -> torch.Tensor:
     return p.log()  # log 0 = -inf: the padding column is outside the support
 
 
-def test_state_history_mask_adds_the_items_before_the_window_to_every_state():
+def _as_mask(history: torch.Tensor, n_columns: int) -> torch.Tensor:
+    """Index lists ``[N, K]`` as a dense ``[N, n_columns]`` bool mask (tests only)."""
+    return torch.zeros(history.shape[0], n_columns, dtype=torch.bool).scatter_(1, history, True)
+
+
+def _history(mask: torch.Tensor) -> torch.Tensor:
+    """A dense bool mask ``[N, V + 1]`` as index lists (0 = nothing), as ``state_history`` gives them."""
+    return torch.where(mask, torch.arange(mask.shape[1]), 0)
+
+
+def test_state_history_lists_the_items_before_the_window_and_the_window_up_to_each_state():
     items = torch.tensor([[0, 2, 3], [4, 1, 2]])  # [2, 3] windows
     earlier = torch.tensor([[5, 1], [0, 0]])  # row 0 had items 5 and 1 before its window; row 1 nothing
     states = torch.tensor([[False, True, True], [True, False, False]])
-    mask = state_history_mask(items, states, n_items=5, earlier=earlier)  # [3, 6]
-    assert mask.tolist() == [
-        [True, True, True, False, False, True],  # (0, 1): padding, 2, and the earlier 5 and 1
-        [True, True, True, True, False, True],  # (0, 2): also 3
-        [True, False, False, False, True, False],  # (1, 0): only 4
+    history = state_history(items, states, earlier)  # [3, 2 + 3]
+    assert history.tolist() == [[5, 1, 0, 2, 0], [5, 1, 0, 2, 3], [0, 0, 4, 0, 0]]
+    assert _as_mask(history, 6)[:, 1:].tolist() == [  # items 1..5 (column 0, padding, is always masked)
+        [True, True, False, False, True],  # (0, 1): 2, and the earlier 5 and 1
+        [True, True, True, False, True],  # (0, 2): also 3
+        [False, False, False, True, False],  # (1, 0): only 4
     ]
-
-
-def test_prefix_history_mask_marks_the_items_had_up_to_each_position():
-    mask = prefix_history_mask(torch.tensor([[0, 2, 3]]), n_items=4)  # [1, 3, 5]
-    assert mask[0, 0].tolist() == [True, False, False, False, False]
-    assert mask[0, 1].tolist() == [True, False, True, False, False]
-    assert mask[0, 2].tolist() == [True, False, True, True, False]
+    assert state_history(items, states).tolist() == [[0, 2, 0], [0, 2, 3], [4, 0, 0]]  # no earlier items
 
 
 def test_masked_log_probs_put_zero_probability_on_the_history_and_padding():
     logits = torch.zeros(1, 5)
-    mask = torch.tensor([[False, False, True, False, False]])
-    p = masked_log_probs(logits, mask).exp()
+    p = masked_log_probs(logits, torch.tensor([[2, 0]])).exp()
     assert p[0].tolist() == pytest.approx([0.0, 1 / 3, 0.0, 1 / 3, 1 / 3])
+    assert masked_log_probs(logits).exp()[0].tolist() == pytest.approx([0.0, 0.25, 0.25, 0.25, 0.25])
 
 
 def test_sampling_without_replacement_never_returns_masked_or_repeated_items():
     torch.manual_seed(0)
     mask = torch.rand(500, 11) < 0.4
     mask[:, 1:5] = False  # at least 4 allowed items per row
-    logp = masked_log_probs(torch.randn(500, 11) * 3, mask)
+    logp = masked_log_probs(torch.randn(500, 11) * 3, _history(mask))
     items = sample_items(logp, 4)
     assert not mask.gather(1, items).any() and (items > 0).all()
     assert (items.sort(dim=1).values.diff(dim=1) > 0).all()  # distinct within a row
@@ -71,7 +75,7 @@ def test_sampling_with_replacement_never_returns_masked_items():
     torch.manual_seed(0)
     mask = torch.rand(500, 11) < 0.6
     mask[:, 3] = False
-    logp = masked_log_probs(torch.randn(500, 11) * 3, mask)
+    logp = masked_log_probs(torch.randn(500, 11) * 3, _history(mask))
     items = sample_items(logp, 16, replacement=True)
     assert not mask.gather(1, items).any() and (items > 0).all()
 
@@ -100,7 +104,7 @@ def test_exact_kl_matches_the_hand_computed_value_on_three_items():
 def test_exact_kl_has_finite_gradients_with_masked_items():
     logits = torch.randn(2, 6, requires_grad=True)
     mask = torch.tensor([[False, True, False, False, True, False]] * 2)
-    kl = exact_kl(masked_log_probs(logits, mask), masked_log_probs(torch.randn(2, 6), mask)).sum()
+    kl = exact_kl(masked_log_probs(logits, _history(mask)), masked_log_probs(torch.randn(2, 6), _history(mask))).sum()
     kl.backward()
     assert torch.isfinite(kl) and torch.isfinite(logits.grad).all()
 

@@ -210,11 +210,19 @@ def build_cache(source: Source, opts: PreprocessOptions, cache_dir: Path | None 
     if (target / "meta.json").is_file():
         return target
     locks = cache_dir / ".locks"  # lock files stay (removing them would race), out of the entries' way
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"{target.name}.lock")):
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(locks / f"{target.name}.lock"))
+        lock.acquire()
+    except OSError as exc:
+        raise RecpostError(f"the data cache folder {cache_dir} cannot be written ({exc.strerror or exc}); set "
+                           "RECPOST_CACHE_DIR (or data.cache_dir) to a writable folder") from None
+    try:
         if (target / "meta.json").is_file():  # another process built it while we waited
             return target
         return _build(source, opts, cache_dir, target)
+    finally:
+        lock.release()
 
 
 def _build(source: Source, opts: PreprocessOptions, cache_dir: Path, target: Path) -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from recpost.experiment.plan import Plan, Stage, build_plan
 from recpost.experiment.report import Report, write_results
-from recpost.experiment.runner import Runner, best_validation, check_output_dir, claim_output_dir
+from recpost.data import RecDataModule
+from recpost.experiment.runner import Runner, best_validation, check_output_dir, claim_output_dir, lock_output_dir
 from recpost.experiment.stats import paired_bootstrap
 from recpost.experiment.study import DEFAULT_CONFIG, MethodSpec, RewardModelSpec, Study, load_study
 from recpost.experiment.tracking import log_results, wandb_mode
@@ -35,20 +36,24 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
         seeds: number of seeds (0..N-1); overrides the config's ``seeds``.
         dry_run: print every stage with its commands (``--dry-run``) and run nothing.
     """
-    study = load_study(config)
+    study = load_study(config)  # every stage's settings checked: a bad grid value stops here
     plan = build_plan(study, Path(output_dir or f"runs/experiments/{study.name}"), seeds)
     check_output_dir(plan)
     if dry_run:
         print(plan.describe(), flush=True)
         return plan.out
-    claim_output_dir(plan)
-    report = Report(plan)
-    with Runner(plan) as runner:
-        for stage, result in runner.run():
-            report.add(stage, result)
-            report.write()
-        report.finish()
-        if runner.wandb is not None:
-            log_results(runner.wandb, runner.wandb_mode, study.name, plan.out, runner.say)
+    with lock_output_dir(plan.out):
+        claim_output_dir(plan)
+        # The data every stage reads, checked and cached once, before the first stage: a bad file, column or
+        # cache folder stops here with one line.
+        RecDataModule.from_configs(study.base_configs).prepare_data()
+        report = Report(plan)
+        with Runner(plan) as runner:
+            for stage, result in runner.run():
+                report.add(stage, result)
+                report.write()
+            report.finish()
+            if runner.wandb is not None:
+                log_results(runner.wandb, runner.wandb_mode, study.name, plan.out, runner.say)
     print(f"results: {plan.out / 'results.md'}", flush=True)
     return plan.out

@@ -6,26 +6,44 @@ same key and test key is reused, so an interrupted experiment resumes; one whose
 but whose test arguments changed (a new evaluator RM) only re-runs the test. Loggers are no part of
 either key. Placeholders are resolved here: a stage's needed checkpoints are fitted before it, and a
 stage whose required checkpoint is missing (that stage failed) is recorded as failed without running.
+
+Interrupts and concurrency: one experiment per output folder at a time (a file lock, refused with one
+line for a second process); records are written to a temporary file and renamed, and one that cannot be
+read (a crash of another kind, a hand edit) means "redo the stage", with a warning. SIGINT and SIGTERM
+are passed on to the running ``recpost`` child, which the runner waits for before it stops; on Linux a
+child also dies with the runner however the runner dies (``SIGKILL`` included: a parent-death signal), so
+no training is ever left running on its own.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from recpost.errors import RecpostError
 from recpost.experiment.plan import Plan, Stage, resolve, with_loggers
 from recpost.experiment.tracking import logger_config, wandb_mode, wandb_settings
-from recpost.runs import latest_run, run_folders
+from recpost.runs import latest_run, run_folders, writable_folder
 
 MARKER = "stage.json"
+LOCK = ".experiment.lock"
+# After SIGINT / SIGTERM is passed on, how long the child may take to stop before it is killed.
+STOP_GRACE_SECONDS = 30
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 # Kept from a finished fit when only the test is re-run.
 FIT_FIELDS = ("key", "fit_command", "checkpoint", "fit_seconds", "metrics_csv")
 
@@ -52,7 +70,14 @@ def best_validation(metrics_csv: Path, monitor: str, mode: str = "max") -> dict[
 def check_output_dir(plan: Plan) -> None:
     """Refuse a folder that holds another experiment's stages (their keys would never match)."""
     owner = plan.out / "experiment.json"
-    if owner.is_file() and json.loads(owner.read_text()).get("name") != plan.study.name:
+    if not owner.is_file():
+        return
+    try:
+        name = json.loads(owner.read_text()).get("name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise RecpostError(f"{owner} cannot be read, so whose results {plan.out} holds is unknown; choose another "
+                           "--output_dir, or delete that file if the folder is this experiment's") from None
+    if name != plan.study.name:
         raise RecpostError(f"{plan.out} holds results of another experiment ({owner}); choose another --output_dir")
 
 
@@ -60,6 +85,65 @@ def claim_output_dir(plan: Plan) -> None:
     check_output_dir(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
     _write_json(plan.out / "experiment.json", {"name": plan.study.name, "config": str(plan.study.path)})
+
+
+@contextmanager
+def lock_output_dir(out: Path) -> Iterator[None]:
+    """Hold the output folder's lock while the experiment runs: a second ``recpost experiment`` on the same
+    folder is refused at once (two runners would fit every stage twice into the same folders)."""
+    writable_folder(out, "--output_dir")
+    lock = FileLock(str(out / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RecpostError(f"{out} is in use by another `recpost experiment` (it holds {out / LOCK}); wait for it "
+                           "to finish, or choose another --output_dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def read_record(marker: Path, say) -> dict:
+    """A stage's record; ``{}`` (redo the stage, with a warning) when it is missing or cannot be read."""
+    if not marker.is_file():
+        return {}
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        say(f"warning: {marker} cannot be read ({type(exc).__name__}); the stage is run again")
+        return {}
+    if not isinstance(record, dict):
+        say(f"warning: {marker} is not a stage record; the stage is run again")
+        return {}
+    return record
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before ``exec``: Linux sends it SIGKILL when the runner dies, however it dies (a fit
+    ignores SIGTERM until its epoch ends). If the runner is already gone, the child stops at once."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def _passing_on_signals(proc: subprocess.Popen) -> Iterator[list[int]]:
+    """While ``proc`` runs, SIGINT and SIGTERM sent to the runner go to ``proc``; the list collects them."""
+    received: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Runner:
@@ -151,12 +235,13 @@ class Runner:
         fit_args = resolve(stage.fit_args, self._checkpoints)
         key = stage_key(fit_args)
         marker = stage.directory / MARKER
-        done = json.loads(marker.read_text()) if marker.is_file() else {}
+        done = read_record(marker, self.say)
         fitted = done.get("key") == key and done.get("checkpoint") and Path(done["checkpoint"]).is_file()
         if not test and fitted:
             return {**{k: v for k, v in done.items() if k in FIT_FIELDS}, "status": "fitted"}
         test_key = stage_key([*fit_args, "--test", *resolve(stage.test_args, self._checkpoints)])
         if test and done.get("key") == key and done.get("status") == "ok" and done.get("test_key") == test_key:
+            self.say(f"{stage.label}: reused ({done['status']} {summary(done, stage.monitor, seconds=False)})")
             return done
         stage.directory.mkdir(parents=True, exist_ok=True)
         started = time.time()
@@ -183,6 +268,8 @@ class Runner:
             if not test:
                 result["status"] = "fitted"
                 _write_json(marker, result)
+                fit = summary({"metrics": result["fit_metrics"], "seconds": result["fit_seconds"]}, stage.monitor)
+                self.say(f"{stage.label}: fitted {fit}; tested in its turn")
                 return result
         command = resolve(stage.test_command, {**self._checkpoints, stage.name: result["checkpoint"]})
         loggers = logger_config(stage.loggers("test"), stage.test_root, self.wandb, run_name, run_id, "fit")
@@ -212,26 +299,38 @@ class Runner:
         task = None
         if self.progress is not None:
             task = self.progress.add_task(f"  {label}", total=epochs)
+        parent = os.getpid()
         with log.open("w") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "recpost", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                    env=self.env)
-            while proc.poll() is None:
-                time.sleep(0.5)
-                if task is not None and watch is not None:
-                    self.progress.update(task, completed=_epochs_done(watch))
+                                    env=self.env, preexec_fn=lambda: _die_with_parent(parent))
+            with _passing_on_signals(proc) as received:
+                while proc.poll() is None and not received:
+                    time.sleep(0.5)
+                    if task is not None and watch is not None:
+                        self.progress.update(task, completed=_epochs_done(watch))
+                if received:
+                    try:
+                        proc.wait(timeout=STOP_GRACE_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
         if task is not None:
             self.progress.remove_task(task)
+        if received:
+            name = signal.Signals(received[0]).name
+            self.say(f"{label}: interrupted ({name}); run the same command again to resume (finished stages are reused)")
+            raise SystemExit(128 + received[0])
         return proc.returncode
 
 
-def summary(result: dict, monitor: str) -> str:
-    """The one line printed when a stage finishes: its error, or its main metrics and duration."""
+def summary(result: dict, monitor: str, seconds: bool = True) -> str:
+    """The one line printed when a stage finishes: its error, or its main metrics (and duration)."""
     if "error" in result:
         return result["error"]
     metrics = result.get("metrics", {})
     keys = dict.fromkeys((monitor, "val/rmse", "test/ndcg@10", "test/rmse", "test/true_reward@10"))  # ordered, unique
     parts = [f"{k}={metrics[k]:.4f}" for k in keys if k in metrics]
-    return " ".join(parts) + f" ({result.get('seconds', 0)} s)"
+    return " ".join(parts) + (f" ({result.get('seconds', 0)} s)" if seconds else "")
 
 
 def _epochs_done(fit_root: Path) -> int:

@@ -9,6 +9,7 @@ catalogs). A method subclasses it (or ``NextItemModule`` / ``PolicyModule``) and
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from recpost.batch import EvalBatch, TrainBatch
-from recpost.checkpoint import check_catalog, load_backbone_weights, load_reward_model
+from recpost.checkpoint import check_catalog, load_backbone_weights, load_reward_model, stamp, verify_weights
 from recpost.errors import RecpostError
 from recpost.evaluation import TOP_K, CatalogRanking, RankingMetrics, ScoreColumns, mask_items, rank_in_chunks
 from recpost.methods.checks import at_least, optional, positive
@@ -78,6 +79,38 @@ class RecModule(L.LightningModule):
         setting on top), cannot train without a reward model."""
         return False
 
+    @classmethod
+    def setting_defaults(cls) -> dict[str, Any]:
+        """Every setting the method takes, with its default: the keyword arguments of ``__init__`` along the
+        class hierarchy (a subclass's default wins). The experiment runner checks grid keys against it."""
+        defaults: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or not issubclass(klass, RecModule):
+                continue
+            for name, param in inspect.signature(init).parameters.items():
+                if name != "self" and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                    defaults[name] = None if param.default is param.empty else param.default
+        return defaults
+
+    @classmethod
+    def check_settings(cls, **settings: Any) -> None:
+        """Raise one ``RecpostError`` line on the first setting that breaks a rule; settings not given take
+        their defaults. ``__init__`` calls it before anything is built or loaded, and ``recpost experiment``
+        calls it for every stage (config plus grid point) before the first stage runs, so a bad value
+        costs no pretraining. A method checks its own settings, then calls ``super().check_settings``."""
+        s = {**cls.setting_defaults(), **settings}
+        positive("lr", s["lr"], "e.g. 0.001")
+        optional(at_least, "score_chunk_size", s["score_chunk_size"], 1,
+                 hint="e.g. 65536, or null to score the whole catalog at once")
+
+    def check_settings_once(self, settings: Mapping[str, Any]) -> None:
+        """``check_settings`` of this object's class, from the first ``__init__`` that runs: the most derived
+        one, which is given every setting (the bases' ``__init__`` see only part of them)."""
+        if not self.__dict__.get("_settings_checked"):
+            self.__dict__["_settings_checked"] = True
+            type(self).check_settings(**settings)
+
     def __init__(
         self,
         n_items: int = 0,
@@ -93,11 +126,12 @@ class RecModule(L.LightningModule):
         eval_reward_model: str | None = None,
         score_chunk_size: int | None = None,
     ) -> None:
+        self.check_settings_once(dict(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                      lr_schedule=lr_schedule, mask_history=mask_history, init_from=init_from,
+                                      eval_reward_model=eval_reward_model, score_chunk_size=score_chunk_size))
         super().__init__()
-        if n_items < 1:
+        if n_items < 1:  # the data link, not a setting: checked here, where the linked value arrives
             raise RecpostError("model.n_items must be >= 1; it is linked from the data module (data.n_items)")
-        positive("lr", lr, "e.g. 0.001")
-        optional(at_least, "score_chunk_size", score_chunk_size, 1, hint="e.g. 65536, or null to score the whole catalog at once")
         backbone = backbone or BackboneConfig()
         # Records every argument of the subclasses' __init__ too (Lightning walks the constructor frames).
         self.save_hyperparameters()
@@ -115,7 +149,14 @@ class RecModule(L.LightningModule):
             self.hold_frozen("eval_reward_model", self.load_reward_model(eval_reward_model, "model.eval_reward_model"))
 
     # ----------------------------------------------------------------------------------- weights
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Stamp every checkpoint Lightning writes with the hash of its weights (checked at every load)."""
+        stamp(checkpoint, f"{type(self).__module__}.{type(self).__qualname__}")
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The gate for checkpoints Lightning loads (``--ckpt_path``, which the CLI also checks before
+        Lightning opens the file): weights unchanged since saving, and this catalog."""
+        verify_weights(checkpoint, "the checkpoint", warn=False)
         check_catalog(checkpoint.get("hyper_parameters", {}), self.hparams.item_map_hash, "the checkpoint")
 
     def load_reward_model(self, path: str, what: str) -> RatingModel:
@@ -208,7 +249,8 @@ class RecModule(L.LightningModule):
     def catalog_scorer(self, batch: EvalBatch) -> ScoreColumns:
         """Encode each history once; returns ``columns -> [B, K]`` fp32 scores of those catalog columns
         (a slice, or item ids ``[K]``) for the next step, unmasked except padding (-inf)."""
-        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))[:, -1]  # [B, d]
+        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"),
+                                      batch.get("input_timestamps"))[:, -1]  # [B, d]
         return lambda columns: self.backbone.score_columns(hidden, columns)
 
     def catalog_scores(self, batch: EvalBatch) -> torch.Tensor:
@@ -243,7 +285,8 @@ class RecModule(L.LightningModule):
             ranking = scores if isinstance(scores, CatalogRanking) else CatalogRanking.from_scores(scores, k=RM_TOP_K)
             top = ranking.top_items[:, :RM_TOP_K]  # [B, 10]
             for name, metric in held:
-                rewards = self._frozen[name].predict_rewards(batch["input_items"], batch["input_ratings"], top)  # [B, 10]
+                rewards = self._frozen[name].predict_rewards(batch["input_items"], batch["input_ratings"], top,
+                                                             batch.get("input_timestamps"))  # [B, 10]
                 out[metric] = rewards.float().mean(dim=-1)
         return out
 

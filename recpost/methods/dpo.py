@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from recpost.batch import TrainBatch
 from recpost.errors import RecpostError
 from recpost.methods.checks import in_interval, one_of, positive, require
-from recpost.methods.policy import prefix_history_mask, sample_items
+from recpost.methods.policy import sample_items
 from recpost.methods.policy_base import PolicyModule
 
 LossType = Literal["sigmoid", "ipo"]
@@ -65,16 +65,32 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def first_seen(next_items: torch.Tensor, input_items: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor:
+    """For each window position ``s``, when the user first had the item logged after it,
+    ``next_items[b, s]``: the first input position holding it, ``-1`` if the user had it before the
+    window (``earlier [B, H]``), ``L`` if never before. Inputs ``[B, L]`` -> ``[B, L]`` long. State
+    ``(b, t)`` has had item ``next_items[b, s]`` exactly when ``first_seen[b, s] <= t``."""
+    L = input_items.shape[1]
+    real = next_items > 0  # [B, L]
+    same = (input_items[:, None, :] == next_items[:, :, None]) & real[:, :, None]  # [B, L(s), L(p)]
+    position = torch.where(same.any(-1), same.to(torch.uint8).argmax(-1), L)  # the first matching p
+    if earlier is not None and earlier.shape[1]:
+        before = (earlier[:, None, :] == next_items[:, :, None]).any(-1) & real  # [B, L]
+        position = position.masked_fill(before, -1)
+    return position
+
+
 def logged_pairs(
     next_items: torch.Tensor,
     next_ratings: torch.Tensor,
     states: torch.Tensor,
-    seen: torch.Tensor | None = None,
+    seen_at: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs from logged ratings: at each state ``(b, t)``, the logged next item ``next_items[b, t]``
-    against a later one ``next_items[b, s]`` (``s > t``) of another rating, not in ``seen[b, t]``
-    (``[B, L, V + 1]`` bool, the state's history), drawn uniformly; the higher rating is chosen.
+    against a later one ``next_items[b, s]`` (``s > t``) of another rating that the state has not had
+    (``seen_at``: :func:`first_seen`; ``None``: no history check), drawn uniformly; the higher rating is
+    chosen. A logged item the state already had gives no pair.
 
     Inputs ``[B, L]``; returns ``(chosen [B, L], rejected [B, L], valid [B, L] bool)``.
     """
@@ -83,9 +99,10 @@ def logged_pairs(
     other_ratings = next_ratings[:, None, :].expand(B, L, L)
     candidates = later & (next_items[:, None, :] > 0) & (other_ratings != next_ratings[:, :, None])
     candidates &= states[:, :, None]
-    if seen is not None:
-        candidates &= ~seen.gather(2, next_items[:, None, :].expand(B, L, L))
-        candidates &= ~seen.gather(2, next_items[:, :, None])  # a repeated logged item (keep_repeats) is no pair
+    if seen_at is not None:
+        t = torch.arange(L, device=next_items.device)
+        candidates &= seen_at[:, None, :] > t[None, :, None]  # the later item is new at state t
+        candidates &= (seen_at > t[None, :])[:, :, None]  # so is the logged one (repeats give no pair)
     noise = torch.rand(B, L, L, generator=generator, device=next_items.device)
     pick = noise.masked_fill(~candidates, -1.0).argmax(dim=-1)  # [B, L]
     other_item, other_rating = next_items.gather(1, pick), next_ratings.gather(1, pick)
@@ -114,6 +131,20 @@ class DPO(PolicyModule):
     def needs_reward_model(cls, init_args) -> bool:
         return init_args.get("pair_source", "reward_model") == "reward_model"
 
+    @classmethod
+    def check_settings(cls, **settings) -> None:
+        s = {**cls.setting_defaults(), **settings}
+        positive("beta", s["beta"], "TRL's default is 0.1")
+        one_of("loss_type", s["loss_type"], get_args(LossType))
+        in_interval("label_smoothing", s["label_smoothing"], 0.0, 0.5)
+        one_of("pair_source", s["pair_source"], get_args(PairSource))
+        require(s["pair_source"] != "reward_model" or bool(s["reward_model"]),
+                "DPO with pair_source: reward_model needs model.reward_model (the best.ckpt of `recpost fit "
+                "--config <pretrain.yaml> --config configs/method/reward_model.yaml`), or use pair_source: logged")
+        require(s["pair_source"] != "logged" or s["state_positions"] == "all",
+                "DPO with pair_source: logged needs state_positions: all (the last position has no later item)")
+        super().check_settings(**settings)
+
     def __init__(
         self,
         *args,
@@ -123,15 +154,8 @@ class DPO(PolicyModule):
         pair_source: PairSource = "reward_model",
         **kwargs,
     ) -> None:
-        positive("beta", beta, "TRL's default is 0.1")
-        one_of("loss_type", loss_type, get_args(LossType))
-        in_interval("label_smoothing", label_smoothing, 0.0, 0.5)
-        one_of("pair_source", pair_source, get_args(PairSource))
-        require(pair_source != "reward_model" or bool(kwargs.get("reward_model")),
-                "DPO with pair_source: reward_model needs model.reward_model (the best.ckpt of `recpost fit "
-                "--config <pretrain.yaml> --config configs/method/reward_model.yaml`), or use pair_source: logged")
-        require(pair_source != "logged" or kwargs.get("state_positions", "all") == "all",
-                "DPO with pair_source: logged needs state_positions: all (the last position has no later item)")
+        self.check_settings_once(dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                      pair_source=pair_source, **kwargs))
         super().__init__(*args, **kwargs)
 
     @torch.no_grad()
@@ -140,8 +164,9 @@ class DPO(PolicyModule):
         hp = self.hparams
         states = self.states(batch)
         if hp.pair_source == "logged":
+            seen_at = first_seen(batch["next_items"], batch["input_items"], batch["earlier_items"])
             chosen, rejected, valid = logged_pairs(batch["next_items"], batch["next_ratings"], states,
-                                                   seen_by_state(batch, hp.n_items) if hp.mask_history else None)
+                                                   seen_at if hp.mask_history else None)
             states = states & valid
             return states, chosen[states], rejected[states]
         ref, _ = self.log_probs(batch, states, reference=True)  # [N, V + 1]
@@ -177,12 +202,3 @@ class DPO(PolicyModule):
                 "logps/chosen": policy[:, 0].detach().mean(), "logps/rejected": policy[:, 1].detach().mean(),
             })
         return loss, logs
-
-
-def seen_by_state(batch: TrainBatch, n_items: int) -> torch.Tensor:
-    """``[B, L, n_items + 1]`` bool: what the user had by each position of each window (the window's items
-    up to it and the user's earlier items before the window)."""
-    items, earlier = batch["input_items"], batch["earlier_items"]
-    before = torch.zeros(items.shape[0], n_items + 1, dtype=torch.bool, device=items.device)
-    before.scatter_(1, earlier, True)  # [B, V + 1]
-    return prefix_history_mask(items, n_items) | before[:, None, :]

@@ -33,6 +33,14 @@ class ExpSFT(NextItemModule):
             sampled cross-entropy, so ``lam -> inf`` is SFT with the same sampled softmax.
     """
 
+    @classmethod
+    def check_settings(cls, **settings) -> None:
+        s = {**cls.setting_defaults(), **settings}
+        finite_positive("lam", s["lam"], "try 0.25-4 on 1..5-star rewards")
+        one_of("weight_norm", s["weight_norm"], WEIGHT_NORMS)
+        optional(positive, "max_weight", s["max_weight"])
+        super().check_settings(**settings)
+
     def __init__(
         self,
         *args,
@@ -41,9 +49,7 @@ class ExpSFT(NextItemModule):
         max_weight: float | None = None,
         **kwargs,
     ) -> None:
-        finite_positive("lam", lam, "try 0.25-4 on 1..5-star rewards")
-        one_of("weight_norm", weight_norm, WEIGHT_NORMS)
-        optional(positive, "max_weight", max_weight)
+        self.check_settings_once(dict(lam=lam, weight_norm=weight_norm, max_weight=max_weight, **kwargs))
         super().__init__(*args, **kwargs)
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -39,6 +39,14 @@ class NextItemModule(RecModule):
         **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, score_chunk_size, ...).
     """
 
+    @classmethod
+    def check_settings(cls, **settings) -> None:
+        s = {**cls.setting_defaults(), **settings}
+        one_of("softmax", s["softmax"], SOFTMAXES)
+        at_least("num_negatives", s["num_negatives"], 1, "e.g. 1024 negatives per batch")
+        one_of("negative_sampler", s["negative_sampler"], NEGATIVE_SAMPLERS)
+        super().check_settings(**settings)
+
     def __init__(
         self,
         *args,
@@ -47,9 +55,8 @@ class NextItemModule(RecModule):
         negative_sampler: NegativeSampler = "uniform",
         **kwargs,
     ) -> None:
-        one_of("softmax", softmax, SOFTMAXES)
-        at_least("num_negatives", num_negatives, 1, "e.g. 1024 negatives per batch")
-        one_of("negative_sampler", negative_sampler, NEGATIVE_SAMPLERS)
+        self.check_settings_once(dict(softmax=softmax, num_negatives=num_negatives, negative_sampler=negative_sampler,
+                                      **kwargs))
         super().__init__(*args, **kwargs)
         # log q [n_items + 1] of the popularity sampler: from the training data at the start of fit
         # (or set_item_counts); not saved, so it always matches the data being trained on.
@@ -83,7 +90,8 @@ class NextItemModule(RecModule):
     def next_item_cross_entropy(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-target next-item cross-entropy ``[N]`` (fp32, full or sampled softmax) and ``rewards [N]``
         at the N target positions of the batch (padding positions are skipped before the output layer)."""
-        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"))  # [B, L, d]
+        hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"),
+                                      batch.get("input_timestamps"))  # [B, L, d]
         has_target = batch["next_items"] > 0  # [B, L]
         hidden, targets = hidden[has_target], batch["next_items"][has_target]  # [N, d], [N]
         rewards = batch["next_rewards"][has_target].float()

@@ -2,9 +2,10 @@
 
 Pure functions on tensors (easy to test by hand), all in fp32 whatever the autocast:
 
-- ``state_history_mask`` / ``masked_log_probs``: ``log pi(i | state)`` over the whole catalog with the
+- ``state_history`` / ``masked_log_probs``: ``log pi(i | state)`` over the whole catalog with the
   items the user already had (and padding) at probability 0: the window's items up to the state *and*
-  the user's items before the window (``earlier_items`` of the batch), as evaluation masks them;
+  the user's items before the window (``earlier_items`` of the batch), as evaluation masks them; the
+  history is an index list per state, so masking costs nothing per catalog item;
 - ``sample_items``: k items per state from such a distribution (Gumbel-top-k without replacement, or
   i.i.d. with replacement); masked items are never returned;
 - ``exact_kl`` / ``entropy``: over the catalog, affordable for catalogs up to ~10^5 items;
@@ -23,28 +24,20 @@ from recpost.errors import RecpostError
 NEG_INF = float("-inf")
 
 
-def prefix_history_mask(items: torch.Tensor, n_items: int) -> torch.Tensor:
-    """``[B, L]`` left-padded item ids -> ``[B, L, n_items + 1]`` bool: item ``i`` occurs at a position
-    ``<= t`` of row ``b`` (what the user has had at state ``(b, t)``). Column 0 (padding) is always True."""
-    B, L = items.shape
-    seen = torch.zeros(B, L, n_items + 1, dtype=torch.bool, device=items.device)
-    seen.scatter_(2, items.unsqueeze(-1), True)
-    seen = seen.cummax(dim=1).values
-    seen[..., 0] = True
-    return seen
+def masked_log_probs(logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+    """``log_softmax`` over the catalog in fp32 with the ``history`` items (and padding) at ``-inf``.
 
-
-def masked_log_probs(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``log_softmax`` over the catalog in fp32 with ``mask`` (True = excluded) set to ``-inf``.
-
-    ``logits [N, V + 1]``, ``mask [N, V + 1]`` bool -> ``[N, V + 1]``; padding (column 0) is always excluded.
+    ``logits [N, V + 1]``, ``history [N, K]`` item ids per row (0 = none; from :func:`state_history`)
+    -> ``[N, V + 1]``. Index lists, not a dense ``[N, V + 1]`` mask: the cost is ``N x K`` whatever the
+    catalog size. Padding (column 0) is always excluded.
     """
     logits = logits.float()
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        if mask is not None:
-            logits = logits.masked_fill(mask, NEG_INF)
-        padding = torch.zeros(1, dtype=torch.long, device=logits.device)
-        return logits.index_fill(-1, padding, NEG_INF).log_softmax(dim=-1)
+        if history is not None:
+            logits = logits.scatter(1, history, NEG_INF)  # 0 entries land on the padding column
+        else:
+            logits = logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device), NEG_INF)
+        return logits.log_softmax(dim=-1)
 
 
 def sample_items(
@@ -121,23 +114,21 @@ def state_positions(batch: TrainBatch, which: str) -> torch.Tensor:
     raise RecpostError(f"state_positions must be 'all' or 'last' (got {which!r})")
 
 
-def state_history_mask(
-    items: torch.Tensor, states: torch.Tensor, n_items: int, earlier: torch.Tensor | None = None
-) -> torch.Tensor:
-    """What the user has had at each state ``[N, n_items + 1]`` bool: the window's ``items [B, L]`` up to
-    the state, and the user's ``earlier [B, H]`` items before the window (0 = padding); padding is always
-    True. ``states [B, L]`` bool picks the N states (row-major)."""
-    seen = prefix_history_mask(items, n_items)[states]  # [N, V + 1]
-    if earlier is not None and earlier.shape[1]:
-        before = torch.zeros(items.shape[0], n_items + 1, dtype=torch.bool, device=items.device)
-        before.scatter_(1, earlier, True)  # [B, V + 1]; padding lands on column 0, which is masked anyway
-        seen |= before[states.nonzero()[:, 0]]
-    return seen
+def state_history(items: torch.Tensor, states: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor:
+    """What the user has had at each state, as item ids ``[N, H + L]`` (0 = nothing): the user's
+    ``earlier [B, H]`` items before the window, then the window's ``items [B, L]`` up to the state.
+    ``states [B, L]`` bool picks the N states (row-major, as ``hidden[states]``)."""
+    rows, cols = states.nonzero(as_tuple=True)  # [N], [N]
+    window = items[rows]  # [N, L]
+    window = window.masked_fill(torch.arange(items.shape[1], device=items.device)[None, :] > cols[:, None], 0)
+    if earlier is None or not earlier.shape[1]:
+        return window
+    return torch.cat([earlier[rows], window], dim=1)
 
 
 def state_log_probs(
     backbone: nn.Module, items: torch.Tensor, ratings: torch.Tensor | None, states: torch.Tensor,
-    mask_history: bool = True, earlier: torch.Tensor | None = None,
+    mask_history: bool = True, earlier: torch.Tensor | None = None, timestamps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log pi(. | state)`` over the catalog at the ``states [B, L]`` positions of ``items [B, L]``.
 
@@ -145,6 +136,6 @@ def state_log_probs(
     to it and the ``earlier [B, H]`` items before the window) and padding have probability 0, unless
     ``mask_history`` is off (then only padding).
     """
-    hidden = backbone.encode(items, ratings)[states]  # [N, d]
-    mask = state_history_mask(items, states, backbone.n_items, earlier) if mask_history else None  # [N, V + 1]
-    return masked_log_probs(backbone.score(hidden), mask), hidden
+    hidden = backbone.encode(items, ratings, timestamps)[states]  # [N, d]
+    history = state_history(items, states, earlier) if mask_history else None  # [N, H + L]
+    return masked_log_probs(backbone.score(hidden), history), hidden

@@ -51,6 +51,11 @@ class PolicyModule(RecModule):
     def needs_reward_model(cls, init_args) -> bool:
         return True
 
+    @classmethod
+    def check_settings(cls, **settings) -> None:
+        one_of("state_positions", {**cls.setting_defaults(), **settings}["state_positions"], STATE_POSITIONS)
+        super().check_settings(**settings)
+
     def __init__(
         self,
         *args,
@@ -59,7 +64,8 @@ class PolicyModule(RecModule):
         disable_dropout: bool = True,
         **kwargs,
     ) -> None:
-        one_of("state_positions", state_positions, STATE_POSITIONS)
+        self.check_settings_once(dict(reward_model=reward_model, state_positions=state_positions,
+                                      disable_dropout=disable_dropout, **kwargs))
         super().__init__(*args, **kwargs)
         if disable_dropout:
             turn_off_dropout(self.backbone)
@@ -88,12 +94,15 @@ class PolicyModule(RecModule):
         at ``states [B, L]`` of the windows ``rows`` (all by default), under the policy or the
         ``reference``; what the user had by each state has probability 0 (unless ``mask_history`` is off)."""
         select = slice(None) if rows is None else rows
+        timestamps = batch.get("input_timestamps")
         return state_log_probs(
             self.reference if reference else self.backbone, batch["input_items"][select],
             batch["input_ratings"][select], states[select], self.hparams.mask_history, batch["earlier_items"][select],
+            timestamps[select] if timestamps is not None else None,
         )
 
     def rewards(self, batch: TrainBatch, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The reward model's predicted rating of ``items [N, K]`` at the ``states [B, L]`` -> ``[N, K]``
         (only those items are scored)."""
-        return self.reward_model.rewards_at(batch["input_items"], batch["input_ratings"], states, items)
+        return self.reward_model.rewards_at(batch["input_items"], batch["input_ratings"], states, items,
+                                            batch.get("input_timestamps"))

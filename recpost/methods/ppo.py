@@ -132,6 +132,28 @@ class PPO(PolicyModule):
 
     divergence_hint = "lower model.lr or model.kl_coef"
 
+    @classmethod
+    def check_settings(cls, **settings) -> None:
+        s = {**cls.setting_defaults(), **settings}
+        require(bool(s["reward_model"]), "PPO needs model.reward_model: the best.ckpt of `recpost fit --config "
+                "<pretrain.yaml> --config configs/method/reward_model.yaml`")
+        one_of("kl_estimator", s["kl_estimator"], get_args(KLEstimator))
+        one_of("baseline", s["baseline"], get_args(Baseline))
+        one_of("scale_rewards", s["scale_rewards"], get_args(ScaleRewards))
+        at_least("k", s["k"], 1)
+        require(s["baseline"] != "group" or s["k"] >= 2,
+                f"model.k must be >= 2 with baseline: group (got {s['k']}); the baseline is the other samples' mean")
+        non_negative("kl_coef", s["kl_coef"], "0 disables the KL penalty")
+        positive("clip_range", s["clip_range"], "TRL's default is 0.2")
+        for name in ("ppo_epochs", "num_minibatches", "kl_horizon"):
+            at_least(name, s[name], 1)
+        non_negative("entropy_coef", s["entropy_coef"])
+        non_negative("vf_coef", s["vf_coef"])
+        positive("cliprange_value", s["cliprange_value"])
+        optional(positive, "target_kl", s["target_kl"])
+        optional(positive, "max_grad_norm", s["max_grad_norm"])
+        super().check_settings(**settings)
+
     def __init__(
         self,
         *args,
@@ -152,23 +174,11 @@ class PPO(PolicyModule):
         replacement: bool = True,
         **kwargs,
     ) -> None:
-        require(bool(kwargs.get("reward_model")), "PPO needs model.reward_model: the best.ckpt of `recpost fit --config "
-                "<pretrain.yaml> --config configs/method/reward_model.yaml`")
-        one_of("kl_estimator", kl_estimator, get_args(KLEstimator))
-        one_of("baseline", baseline, get_args(Baseline))
-        one_of("scale_rewards", scale_rewards, get_args(ScaleRewards))
-        at_least("k", k, 1)
-        require(baseline != "group" or k >= 2,
-                f"model.k must be >= 2 with baseline: group (got {k}); the baseline is the other samples' mean")
-        non_negative("kl_coef", kl_coef, "0 disables the KL penalty")
-        positive("clip_range", clip_range, "TRL's default is 0.2")
-        for name, value in (("ppo_epochs", ppo_epochs), ("num_minibatches", num_minibatches), ("kl_horizon", kl_horizon)):
-            at_least(name, value, 1)
-        non_negative("entropy_coef", entropy_coef)
-        non_negative("vf_coef", vf_coef)
-        positive("cliprange_value", cliprange_value)
-        optional(positive, "target_kl", target_kl)
-        optional(positive, "max_grad_norm", max_grad_norm)
+        self.check_settings_once(dict(
+            k=k, kl_coef=kl_coef, kl_estimator=kl_estimator, baseline=baseline, scale_rewards=scale_rewards,
+            clip_range=clip_range, ppo_epochs=ppo_epochs, num_minibatches=num_minibatches, entropy_coef=entropy_coef,
+            vf_coef=vf_coef, cliprange_value=cliprange_value, target_kl=target_kl, kl_horizon=kl_horizon,
+            max_grad_norm=max_grad_norm, replacement=replacement, **kwargs))
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         d_model = self.backbone.item_weights().shape[1]

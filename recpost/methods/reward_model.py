@@ -58,8 +58,14 @@ class RewardModel(RecModule):
         **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, ...).
     """
 
+    @classmethod
+    def check_settings(cls, **settings) -> None:
+        non_negative("prior_count", {**cls.setting_defaults(), **settings}["prior_count"],
+                     "e.g. 5: an item rated 5 times keeps half its mean deviation")
+        super().check_settings(**settings)
+
     def __init__(self, *args, prior_count: float = 5.0, **kwargs) -> None:
-        non_negative("prior_count", prior_count, "e.g. 5: an item rated 5 times keeps half its mean deviation")
+        self.check_settings_once(dict(prior_count=prior_count, **kwargs))
         super().__init__(*args, **kwargs)
         self.head = RatingHead(self.hparams.n_items, self.backbone.item_weights().shape[1], prior_count)
         self._baselines: tuple | None = None
@@ -78,9 +84,9 @@ class RewardModel(RecModule):
         return model
 
     def predict_rewards(self, input_items: torch.Tensor, input_ratings: torch.Tensor,
-                        candidates: torch.Tensor | None = None) -> torch.Tensor:
+                        candidates: torch.Tensor | None = None, input_timestamps: torch.Tensor | None = None) -> torch.Tensor:
         """``RatingModel.predict_rewards`` of the model being trained."""
-        return self.rating_model.predict_rewards(input_items, input_ratings, candidates)
+        return self.rating_model.predict_rewards(input_items, input_ratings, candidates, input_timestamps)
 
     # ----------------------------------------------------------------------------------- training
     def init_biases(self, item: np.ndarray, rating: np.ndarray, weight: np.ndarray | None = None) -> None:
@@ -102,7 +108,7 @@ class RewardModel(RecModule):
         has_target = batch["next_items"] > 0  # [B, L]
         targets = batch["next_items"][has_target]  # [N]
         pred = self.rating_model.rewards_at(batch["input_items"], batch["input_ratings"], has_target,
-                                            targets[:, None]).squeeze(-1)  # [N], fp32
+                                            targets[:, None], batch.get("input_timestamps")).squeeze(-1)  # [N], fp32
         mse = ((pred - batch["next_ratings"][has_target].float()) ** 2).mean()
         return mse, {"rmse": mse.detach().sqrt()}
 
@@ -110,7 +116,8 @@ class RewardModel(RecModule):
     def catalog_scorer(self, batch: EvalBatch) -> ScoreColumns:
         """The RM as a policy: predicted ratings of catalog columns after each history (padding -inf);
         evaluation masks the user's history (``catalog_scores`` or ``score_chunk_size`` chunks)."""
-        offset, query, item_emb = self.rating_model.states(batch["input_items"], batch["input_ratings"])
+        offset, query, item_emb = self.rating_model.states(batch["input_items"], batch["input_ratings"],
+                                                           batch.get("input_timestamps"))
         offset, query = offset[:, -1], query[:, -1]  # [B], [B, d]
 
         def score(columns: slice | torch.Tensor) -> torch.Tensor:
@@ -141,7 +148,8 @@ class RewardModel(RecModule):
         target = batch["target_item"]
         g, item_mean, user_mean = self._rating_baselines()
         predictions = {
-            "": self.predict_rewards(batch["input_items"], batch["input_ratings"], target[:, None]).squeeze(-1),
+            "": self.predict_rewards(batch["input_items"], batch["input_ratings"], target[:, None],
+                                     batch.get("input_timestamps")).squeeze(-1),
             "_global_mean": g.expand_as(target).float(),
             "_item_mean": item_mean[target],
             "_user_mean": user_mean[batch["user_index"]],
