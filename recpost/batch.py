@@ -23,6 +23,7 @@ class TrainBatch(TypedDict):
 
     input_items: Tensor  # [B, L] long: the window's items, 0 = padding
     input_ratings: Tensor  # [B, L] float: their ratings (0 at padding)
+    input_timestamps: Tensor  # [B, L] long: their timestamps (0 at padding)
     next_items: Tensor  # [B, L] long: the item logged right after each position; 0 = no target there
     next_ratings: Tensor  # [B, L] float: its rating (0 where no target)
     next_rewards: Tensor  # [B, L] float: its reward under data.reward_transform (0 where no target)
@@ -38,6 +39,7 @@ class EvalBatch(TypedDict, total=False):
     user_index: Tensor  # [B] long: the user's row (0..n_users - 1), to drop DDP's repeated users
     input_items: Tensor  # [B, L] long: the last data.max_len items before the target, 0 = padding
     input_ratings: Tensor  # [B, L] float: their ratings
+    input_timestamps: Tensor  # [B, L] long: their timestamps (never the target's)
     history_items: Tensor  # [B, H] long: every item before the target (may exceed max_len): masked in ranking
     target_item: Tensor  # [B] long: the held-out item (validation: second to last; test: last)
     target_rating: Tensor  # [B] float: its rating

@@ -17,10 +17,13 @@
 - ``mfu/sft``: model FLOPs utilisation of those SFT steps, relative to what this machine's plain
   ``torch`` matmuls achieve (not a datasheet peak); see :func:`sft_step_flops` and
   :func:`matmul_flops_per_second`.
+- ``pretrain/epoch_seconds/<backbone>`` and ``step_time_ratio/<backbone>_vs_sasrec`` for each other
+  backbone (HSTU) at the same width, depth, heads and history length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -33,6 +36,7 @@ import torch
 
 from recpost.checkpoint import save_checkpoint
 from recpost.data import MovieLens, RecDataModule
+from recpost.data.sources import default_data_root
 from recpost.methods import DPO, PPO, SFT, ExpSFT, RewardModel
 from recpost.models import BackboneConfig
 
@@ -63,6 +67,11 @@ class _Timer(L.Callback):
 def _datamodule(dataset: str, max_len: int, batch_size: int) -> RecDataModule:
     if dataset == "ml100k":
         source = MovieLens("100k", download=False)
+    elif dataset == "ml1m":
+        # This project's copy is the subset of users 1..2,999 in its own root; a full ML-1M archive
+        # under $RECPOST_DATA_DIR is used when the subset folder is not there.
+        subset = default_data_root() / "ml-1m-users1-2999"
+        source = MovieLens("1m", root=str(subset) if subset.is_dir() else None, download=False)
     else:
         from recpost.data import Simulator
 
@@ -71,8 +80,10 @@ def _datamodule(dataset: str, max_len: int, batch_size: int) -> RecDataModule:
 
 
 # ----------------------------------------------------------------------------------- FLOPs
-def sft_step_flops(batch: dict[str, torch.Tensor], backbone: BackboneConfig, n_items: int) -> float:
-    """Matmul FLOPs of one SASRec SFT training step (full softmax) on ``batch``, counted analytically.
+def sft_step_flops(batch: dict[str, torch.Tensor], backbone: BackboneConfig, n_items: int, useful: bool = False) -> float:
+    """Matmul FLOPs of one SASRec SFT training step (full softmax) on ``batch``, counted analytically;
+    ``useful``: only the work on real items (each row's valid positions, and their valid x valid
+    attention), what the step would cost without any padding.
 
     Forward: ``2 * m * n * k`` per ``[m, k] @ [k, n]`` matmul; backward twice the forward (gradients
     of both operands), so a step is 3 x forward:
@@ -89,8 +100,9 @@ def sft_step_flops(batch: dict[str, torch.Tensor], backbone: BackboneConfig, n_i
     B, L = batch["input_items"].shape
     d = backbone.d_model
     n_targets = int((batch["next_items"] > 0).sum())
-    dense = 2 * B * L * (4 + 2 * backbone.ff_mult) * d * d
-    attention = 2 * 2 * B * L * L * d
+    lengths = (batch["input_items"] > 0).sum(1).double() if useful else torch.full((B,), float(L), dtype=torch.float64)
+    dense = 2 * float(lengths.sum()) * (4 + 2 * backbone.ff_mult) * d * d
+    attention = 2 * 2 * float((lengths**2).sum()) * d
     logits = 2 * n_targets * d * (n_items + 1)
     return 3.0 * (backbone.n_layers * (dense + attention) + logits)
 
@@ -199,25 +211,61 @@ def interleaved_step_seconds(
     return times, timed_batches
 
 
+def _epoch_seconds(module: SFT, dm: RecDataModule, epochs: int) -> _Timer:
+    """Train ``module`` for ``epochs`` through Lightning's Trainer (each epoch followed by a validation)."""
+    timer = _Timer()
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=dm)
+    return timer
+
+
+def backbone_figures(dm: RecDataModule, common: dict, backbones: list[str], epochs: int, steps: int) -> dict[str, float]:
+    """Per other backbone: its SFT epoch time and its SFT step time over SASRec's at the same ``d_model``,
+    depth, heads and history length (interleaved on the same batches, median of the per-step ratios)."""
+    figures: dict[str, float] = {}
+    cfg = common["backbone"]
+    steps_by_name = {}
+    for name in ["sasrec", *[b for b in backbones if b != "sasrec"]]:
+        settings = {**common, "backbone": dataclasses.replace(cfg, name=name)}
+        if name != "sasrec":
+            torch.manual_seed(0)
+            figures[f"pretrain/epoch_seconds/{name}"] = statistics.median(_epoch_seconds(SFT(**settings), dm, epochs).train)
+        torch.manual_seed(0)
+        steps_by_name[name] = _Step(SFT(**settings))
+    times, _ = interleaved_step_seconds(steps_by_name, _batches(dm), steps)
+    for name in steps_by_name:
+        if name != "sasrec":
+            figures[f"step_time_ratio/{name}_vs_sasrec"] = statistics.median(
+                t / s for t, s in zip(times[name], times["sasrec"]))
+    return figures
+
+
 def bench(
-    dataset: Literal["ml100k", "sim"] = "ml100k",
+    dataset: Literal["ml100k", "ml1m", "sim"] = "ml100k",
     epochs: int = 2,
     steps: int = 8,
     max_len: int = 200,
     batch_size: int = 128,
     d_model: int = 64,
     n_layers: int = 2,
+    backbones: list[str] = ["sasrec", "hstu"],  # noqa: B006 - jsonargparse reads the default from the signature
 ) -> dict[str, float]:
     """Measure and print pretraining epoch time, evaluation throughput, method step-time ratios and MFU.
 
     Args:
-        dataset: ``ml100k`` (needs MovieLens-100K under $RECPOST_DATA_DIR) or ``sim`` (simulator).
+        dataset: ``ml100k`` (MovieLens-100K under $RECPOST_DATA_DIR), ``ml1m`` (MovieLens-1M; this
+            project's users 1-2,999 subset at $RECPOST_DATA_DIR/ml-1m-users1-2999 when present) or ``sim``.
         epochs: training epochs to time (each followed by a full validation).
         steps: timed interleaved repetitions (one training step of every method each) for the ratios.
         max_len: history length.
         batch_size: training windows per batch.
-        d_model: SASRec width.
-        n_layers: SASRec depth.
+        d_model: backbone width.
+        n_layers: backbone depth.
+        backbones: backbones to time against SASRec at the same size (``pretrain/epoch_seconds/<name>``,
+            ``step_time_ratio/<name>_vs_sasrec``); the method figures use SASRec.
     """
     torch.manual_seed(0)
     dm = _datamodule(dataset, max_len, batch_size)
@@ -225,12 +273,7 @@ def bench(
     common = dict(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=max_len, backbone=backbone)
     figures: dict[str, float] = {"threads": float(torch.get_num_threads())}
 
-    timer = _Timer()
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
-    )
-    trainer.fit(SFT(**common), datamodule=dm)
+    timer = _epoch_seconds(SFT(**common), dm, epochs)
     figures["pretrain/epoch_seconds"] = statistics.median(timer.train)
     figures["pretrain/windows_per_second"] = len(dm.train_windows()[0]) / figures["pretrain/epoch_seconds"]
     figures["eval/seconds_all_users"] = statistics.median(timer.val)
@@ -249,10 +292,16 @@ def bench(
     n_targets = [int((b["next_items"] > 0).sum()) for b in batches]
     figures["train/samples_per_second"] = statistics.median(n / s for n, s in zip(n_targets, times["sft"]))
     achieved = statistics.median(sft_step_flops(b, backbone, dm.n_items) / s for b, s in zip(batches, times["sft"]))
+    useful = statistics.median(sft_step_flops(b, backbone, dm.n_items, useful=True) / s
+                               for b, s in zip(batches, times["sft"]))
     peak = matmul_flops_per_second(batches[0], backbone, dm.n_items)
     figures["mfu/sft_model_gflops_per_second"] = achieved / 1e9
     figures["mfu/matmul_gflops_per_second"] = peak / 1e9
     figures["mfu/sft"] = achieved / peak
+    figures["mfu/sft_useful"] = useful / peak
+    figures["train/padding_share"] = 1.0 - statistics.mean(
+        float((b["input_items"] > 0).float().mean()) for b in batches)
+    figures.update(backbone_figures(dm, common, backbones, epochs, steps))
     for name, value in figures.items():
         print(f"{name}: {value:.4g}")
     return figures

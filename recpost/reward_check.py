@@ -44,7 +44,8 @@ def compare(dm: RecDataModule, reward_model: str, evaluator: str) -> dict[str, f
     catalog_err: tuple[list, list] = ([], [])
     top_err: tuple[list, list] = ([], [])
     for batch in dm.test_dataloader():
-        preds = [m.predict_rewards(batch["input_items"], batch["input_ratings"]).float() for m in models]  # [B, V + 1]
+        preds = [m.predict_rewards(batch["input_items"], batch["input_ratings"], None,
+                                   batch["input_timestamps"]).float() for m in models]  # [B, V + 1]
         rows = torch.arange(len(batch["target_item"]))
         for errs, pred in zip(target_err, preds):
             errs.append(pred[rows, batch["target_item"]] - batch["target_rating"].float())

@@ -144,6 +144,26 @@ def test_eval_input_keeps_the_newest_max_len_items_and_history_keeps_all(tmp_pat
             assert nonzero(batch["history_items"][b]) == history
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_timestamps_are_the_historys_never_the_targets(tmp_path, split):
+    dm, seqs = make_datamodule(tmp_path)
+    held_out = {"val": 2, "test": 1}[split]
+    for u, batch, b in eval_rows(dm, split):
+        n_hist = len(seqs[u]) - held_out
+        expected = [1000 + 10 * t for t in range(n_hist)][-MAX_LEN:]  # make_log's timestamps: 1000 + 10 t
+        assert nonzero(batch["input_timestamps"][b]) == expected
+        assert 1000 + 10 * n_hist not in batch["input_timestamps"][b].tolist()  # the target's own timestamp
+
+
+def test_training_timestamps_align_with_the_inputs(tmp_path):
+    dm, seqs = make_datamodule(tmp_path)
+    where = position(seqs)
+    for batch in train_batches(dm):
+        has_item = batch["input_items"] > 0
+        ks = [where[i][1] for i in batch["input_items"][has_item].tolist()]
+        assert batch["input_timestamps"][has_item].tolist() == [1000 + 10 * k for k in ks]
+
+
 # ----------------------------------------------------------------------------------- training
 def test_training_windows_never_contain_a_validation_or_test_target(tmp_path):
     dm, seqs = make_datamodule(tmp_path)
@@ -290,3 +310,46 @@ def test_max_len_below_two_is_rejected(tmp_path, max_len):
     path, _ = make_log(tmp_path)
     with pytest.raises(RecpostError, match=f"data.max_len must be >= 2 \\(got {max_len}\\)"):
         RecDataModule(Table(str(path)), max_len=max_len)
+
+
+# ----------------------------------------------------------------------------------- length grouping
+def test_length_grouped_batches_use_every_window_once_and_waste_less_padding(tmp_path):
+    lengths = (3, 4, 7, 12, 25, 5, 30, 9, 14, 6, 40, 8)
+    plain, _ = make_datamodule(tmp_path, lengths=lengths, batch_size=2)
+    (tmp_path / "g").mkdir()
+    grouped, _ = make_datamodule(tmp_path / "g", lengths=lengths, batch_size=2, length_grouping=8)
+    torch.manual_seed(0)
+    batches = {name: list(dm.train_dataloader()) for name, dm in (("plain", plain), ("grouped", grouped))}
+    targets = {name: sorted(i for b in bs for i in b["next_items"].flatten().tolist() if i) for name, bs in batches.items()}
+    assert targets["grouped"] == targets["plain"]  # the same targets, each once per epoch
+    padding = {name: sum(int((b["input_items"] == 0).sum()) for b in bs) for name, bs in batches.items()}
+    assert padding["grouped"] < padding["plain"]
+
+
+def test_a_length_grouped_epoch_has_the_same_per_target_losses_and_gradients(tmp_path):
+    # Grouping only changes which windows share a batch (and so their padding): with the same weights,
+    # the sum of every target's loss over an epoch, and its gradient, are the unbucketed epoch's.
+    from recpost.methods import SFT
+    from recpost.models import BackboneConfig
+
+    lengths = (3, 4, 7, 12, 25, 5, 30, 9, 14, 6, 40, 8)
+    results = []
+    for grouping in (0, 8):
+        folder = tmp_path / f"g{grouping}"
+        folder.mkdir()
+        dm, _ = make_datamodule(folder, lengths=lengths, batch_size=3, length_grouping=grouping)
+        torch.manual_seed(0)
+        model = SFT(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=MAX_LEN,
+                    backbone=BackboneConfig(d_model=16, n_layers=2, n_heads=2, dropout=0.0))
+        total = sum(model.next_item_cross_entropy(b)[0].sum() for b in dm.train_dataloader())
+        total.backward()
+        results.append((total.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(grads_a, grads_b))  # summation order
+
+
+def test_a_negative_length_grouping_is_one_clear_error(tmp_path):
+    path, _ = make_log(tmp_path)
+    with pytest.raises(RecpostError, match="data.length_grouping must be >= 0"):
+        RecDataModule(Table(str(path)), length_grouping=-1)

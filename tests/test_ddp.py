@@ -1,13 +1,15 @@
-"""Every method under DDP (2 CPU processes, gloo): a fit runs, and evaluation equals one process's exactly.
+"""Every method, on every backbone, under DDP (2 CPU processes, gloo): a fit runs, and evaluation
+equals one process's exactly.
 
 101 users over 2 ranks: Lightning's sampler pads one shard with a repeated user, which the metrics
 must not count twice. The runs form the real chain: SFT from scratch, the reward model from SFT,
-then ExpSFT, PPO and DPO from SFT with that reward model, each fitted with ``--trainer.strategy ddp``.
+then ExpSFT, PPO and DPO from SFT with that reward model, each fitted with ``--trainer.strategy ddp``,
+once with SASRec and once with HSTU (the backbone set in the tiny config).
 
-Every launch pays seconds of imports per process, so the five fits run one after the other in a
-single DDP launch, and the five one-process reference validations in a single process (``python -m
-tests.test_ddp fit|validate <folder>``, the CLI's own ``run_lightning_cli``); each two-process
-validation is a real ``recpost validate`` launch.
+Every launch pays seconds of imports per process, so each stage of the chain runs as one launch
+(``python -m tests.test_ddp fit|test1|test2 <folder>``, the CLI's own ``run_lightning_cli``): the five
+DDP fits one after the other, the five one-process reference tests, and the five two-process tests
+in one DDP launch. Test and validation share the evaluation code; test also writes the per-user rows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from recpost.runs import LOGS_DIR, RunFolder
-from tests.helpers import latest_run, recpost
+from tests.helpers import latest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_CONFIGS = ROOT / "configs" / "method"
@@ -51,7 +53,7 @@ def method_args(folder: Path, method: str) -> list[str]:
     return args
 
 
-def validate_args(folder: Path, method: str) -> list[str]:
+def eval_args(folder: Path, method: str) -> list[str]:
     """``method_args`` plus its best checkpoint (and a reward model to evaluate with, for SFT and ExpSFT)."""
     args = [*method_args(folder, method), "--ckpt_path", str(best_checkpoint(folder, method))]
     if method in ("sft", "exp_sft"):
@@ -59,13 +61,13 @@ def validate_args(folder: Path, method: str) -> list[str]:
     return args
 
 
-def one_process_root(folder: Path, method: str) -> Path:
-    return folder / f"{method}-validate-1"
+def eval_root(folder: Path, method: str, processes: int) -> Path:
+    return folder / f"{method}-test-{processes}"
 
 
 def run_chain(stage: str, folder: Path) -> None:
     """``fit``: every method in turn with 2 DDP processes (each rank runs this; the process group is kept).
-    ``validate``: every fitted method in one process, into ``one_process_root``."""
+    ``test1`` / ``test2``: every fitted method tested in one process / in two DDP processes."""
     from recpost.cli import run_lightning_cli
 
     for method in EXPECTED:
@@ -73,19 +75,22 @@ def run_chain(stage: str, folder: Path) -> None:
             run_lightning_cli(["fit", *method_args(folder, method), *DDP,
                                "--trainer.default_root_dir", str(folder / method)])
         else:
-            run_lightning_cli(["validate", *validate_args(folder, method), "--trainer.devices", "1",
-                               "--trainer.default_root_dir", str(one_process_root(folder, method))])
+            processes, devices = (1, ("--trainer.devices", "1")) if stage == "test1" else (2, DDP)
+            run_lightning_cli(["test", *eval_args(folder, method), *devices,
+                               "--trainer.default_root_dir", str(eval_root(folder, method, processes))])
 
 
-@pytest.fixture(scope="module")
-def ddp_chain(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The folder where every method was fitted under DDP and validated in one process, and the fits' output."""
+@pytest.fixture(scope="module", params=["sasrec", "hstu"])
+def ddp_chain(tmp_path_factory, request) -> tuple[Path, subprocess.CompletedProcess]:
+    """The folder where every method was fitted under DDP and tested in one and in two processes (the
+    tiny config with ``request.param`` as its backbone), and the fits' output."""
     from tests.helpers import write_tiny_config
 
-    folder = tmp_path_factory.mktemp("ddp")
-    write_tiny_config(folder, max_epochs=1)
+    folder = tmp_path_factory.mktemp(f"ddp-{request.param}")
+    config = write_tiny_config(folder, max_epochs=1)
+    config.write_text(config.read_text().replace("    backbone:\n", f"    backbone:\n      name: {request.param}\n"))
     outputs = {}
-    for stage in ("fit", "validate"):
+    for stage in ("fit", "test1", "test2"):
         outputs[stage] = subprocess.run([sys.executable, "-m", "tests.test_ddp", stage, str(folder)], cwd=ROOT,
                                         capture_output=True, text=True, timeout=600)
         assert outputs[stage].returncode == 0, f"{stage} chain failed:\n{outputs[stage].stderr[-3000:]}"
@@ -110,32 +115,16 @@ def test_fit_under_ddp_keeps_a_checkpoint_and_logs_validation(ddp_chain, method)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(EXPECTED))
-def test_two_process_validation_metrics_equal_one_process(ddp_chain, method, tmp_path):
-    folder, _ = ddp_chain
-    one = json.loads(latest_run(one_process_root(folder, method)).metrics_json("val").read_text())
-    out = recpost("validate", *validate_args(folder, method), *DDP, "--trainer.default_root_dir", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-3000:]
-    two = json.loads(latest_run(tmp_path).metrics_json("val").read_text())
-    assert one["val/n_users"] == 101
-    assert {"val/ndcg@10", "val/coverage@10", *EXPECTED[method]} <= set(one)
-    assert two == one
-
-
-@pytest.mark.slow
-def test_two_process_test_metrics_and_per_user_rows_equal_one_process(ddp_chain, tmp_path):
+def test_two_process_test_metrics_and_per_user_rows_equal_one_process(ddp_chain, method):
     # the per-user rows feed the experiment's paired bootstrap: they must be every user's, once
     folder, _ = ddp_chain
-    outputs = {}
-    for devices, extra in ((1, ()), (2, DDP[2:])):
-        root = tmp_path / f"test-{devices}"
-        out = recpost("test", *validate_args(folder, "exp_sft"), "--trainer.devices", str(devices), *extra,
-                      "--trainer.default_root_dir", str(root))
-        assert out.returncode == 0, out.stderr[-3000:]
-        run = latest_run(root)
-        outputs[devices] = (run.metrics_json("test").read_text(), run.per_user_csv.read_text())
-    assert outputs[2] == outputs[1]
-    rows = outputs[1][1].splitlines()
-    assert len(rows) == 1 + 101 and "eval_rm_reward@10" in rows[0]
+    one, two = (latest_run(eval_root(folder, method, n)) for n in (1, 2))
+    metrics = json.loads(one.metrics_json("test").read_text())
+    assert metrics["test/n_users"] == 101
+    assert {"test/ndcg@10", "test/coverage@10", *(m.replace("val/", "test/") for m in EXPECTED[method])} <= set(metrics)
+    assert two.metrics_json("test").read_text() == one.metrics_json("test").read_text()
+    assert two.per_user_csv.read_text() == one.per_user_csv.read_text()
+    assert len(one.per_user_csv.read_text().splitlines()) == 1 + 101
 
 
 if __name__ == "__main__":  # launched by the ddp_chain fixture (and, for rank 1 of the fits, by Lightning)

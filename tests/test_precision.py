@@ -131,9 +131,32 @@ def test_dpo_loss_and_log_probs_are_fp32_under_cpu_autocast(tiny):
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_every_method_on_hstu_keeps_losses_and_scores_fp32_under_cpu_autocast(tmp_path):
+    dm = tiny_datamodule(tmp_path)
+    hstu = BackboneConfig(name="hstu", d_model=16, n_layers=1, n_heads=2, dropout=0.1)
+    pre = pretrained_checkpoint(dm, tmp_path / "pre.ckpt", backbone=hstu)
+    rm = reward_model_checkpoint(dm, tmp_path / "rm.ckpt", backbone=hstu)
+    post = {"backbone": hstu, "init_from": str(pre)}
+    batch, eval_batch = dm.train_batch(list(range(32))), dm.eval_batch(list(range(8)), "val")
+    modules = [build(SFT, dm, **post), build(ExpSFT, dm, lam=0.5, **post), build(RewardModel, dm, **post),
+               build(DPO, dm, reward_model=str(rm), **post)]
+    with _bf16():
+        for module in modules:
+            loss, logs = module.training_loss(batch)
+            assert _fp32_and_finite(loss, *logs.values()), type(module).__name__
+            scores = module.catalog_scores(eval_batch)
+            assert scores.dtype == F32 and torch.isfinite(scores[:, 1:]).any(1).all()
+        ppo = build(PPO, dm, reward_model=str(rm), k=4, **post)
+        roll = ppo.rollout(batch)
+        loss, _, _ = ppo.minibatch_loss(batch, roll, torch.arange(32))
+    assert _fp32_and_finite(loss, roll.advantages, roll.logp_old)
+
+
 @pytest.mark.slow
-def test_bf16_mixed_fit_runs_and_logs_finite_metrics(tiny_config):
-    out = recpost("fit", "--config", str(tiny_config), "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1")
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+def test_bf16_mixed_fit_runs_and_logs_finite_metrics(tiny_config, backbone):
+    out = recpost("fit", "--config", str(tiny_config), "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1",
+                  "--model.init_args.backbone.name", backbone)
     assert out.returncode == 0, out.stderr[-3000:]
     header, *rows = (latest_run(tiny_config.parent / "runs").metrics_csv).read_text().splitlines()
     col = header.split(",").index("val/ndcg@10")

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from recpost.batch import EvalBatch, TrainBatch
 from recpost.data.interactions import Interactions, PreprocessOptions, build_cache, load_cache
+from recpost.data.sampling import LengthGroupedSampler
 from recpost.data.sources import Source
 from recpost.errors import RecpostError
 
@@ -100,6 +101,9 @@ class RecDataModule(L.LightningDataModule):
             every user. The experiment's evaluator reward model trains on a bootstrap resample, so its
             errors are not a copy of the training reward model's.
         train_users_seed: seed of the bootstrap resample.
+        length_grouping: batches of training windows of similar length (``data/sampling.py``), so an
+            epoch computes little padding: each epoch, pools of this many batches are sorted by length;
+            0 = plain shuffled batches. Every window is still used once per epoch.
         num_workers: DataLoader workers (batches are gathered vectorised; 0 is usually fastest).
         cache_dir: where the preprocessed interactions live; default ``$RECPOST_CACHE_DIR`` or
             ``~/.cache/recpost/cache``.
@@ -118,6 +122,7 @@ class RecDataModule(L.LightningDataModule):
         liked_threshold: float = 4.0,
         train_users: Literal["all", "bootstrap"] = "all",
         train_users_seed: int = 0,
+        length_grouping: int = 0,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -134,6 +139,8 @@ class RecDataModule(L.LightningDataModule):
             raise RecpostError(
                 f"data.reward_transform must be 'identity', 'centered' or 'minmax' (got {reward_transform!r})"
             )
+        if length_grouping < 0:
+            raise RecpostError(f"data.length_grouping must be >= 0 batches per pool (got {length_grouping}); 0 turns it off")
         if train_users not in ("all", "bootstrap"):
             raise RecpostError(f"data.train_users must be 'all' or 'bootstrap' (got {train_users!r})")
         self.source = source
@@ -145,6 +152,7 @@ class RecDataModule(L.LightningDataModule):
         self.liked_threshold = liked_threshold
         self.train_users = train_users
         self.train_users_seed = train_users_seed
+        self.length_grouping = length_grouping
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._data: Interactions | None = None
@@ -307,6 +315,7 @@ class RecDataModule(L.LightningDataModule):
         width = int((e - s).max())  # items incl. the last target; inputs are width - 1
         items = _gather_left_padded(d.item, s, e, width)  # [B, W]
         ratings = _gather_left_padded(d.rating, s, e, width, fill=0.0).astype(np.float32)
+        timestamps = _gather_left_padded(d.timestamp, s, e, width)  # [B, W]
         inputs, targets = items[:, :-1], items[:, 1:]
         targets = np.where(inputs > 0, targets, 0)  # the first item of a window is input only
         target_ratings = np.where(targets > 0, ratings[:, 1:], 0.0)
@@ -316,6 +325,7 @@ class RecDataModule(L.LightningDataModule):
         return {
             "input_items": torch.from_numpy(inputs),
             "input_ratings": torch.from_numpy(np.ascontiguousarray(ratings[:, :-1])),
+            "input_timestamps": torch.from_numpy(np.ascontiguousarray(timestamps[:, :-1])),
             "next_items": torch.from_numpy(np.ascontiguousarray(targets)),
             "next_ratings": torch.from_numpy(target_ratings.astype(np.float32)),
             "next_rewards": torch.from_numpy(rewards.astype(np.float32)),
@@ -324,10 +334,13 @@ class RecDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        n = len(self.train_windows()[0])
+        w_start, w_end = self.train_windows()
+        order = {"shuffle": True}
+        if self.length_grouping:
+            order = {"sampler": LengthGroupedSampler(w_end - w_start, self.batch_size, self.length_grouping)}
         return DataLoader(
-            _IndexDataset(n), batch_size=self.batch_size, shuffle=True, collate_fn=self.train_batch,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            _IndexDataset(len(w_start)), batch_size=self.batch_size, collate_fn=self.train_batch,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **order,
         )
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -344,6 +357,7 @@ class RecDataModule(L.LightningDataModule):
             "input_ratings": torch.from_numpy(
                 _gather_left_padded(d.rating, start, hist_end, width, fill=0.0).astype(np.float32)
             ),
+            "input_timestamps": torch.from_numpy(_gather_left_padded(d.timestamp, start, hist_end, width)),
             "history_items": torch.from_numpy(
                 _gather_left_padded(d.item, start, hist_end, int((hist_end - start).max()))
             ),

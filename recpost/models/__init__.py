@@ -1,10 +1,11 @@
-"""Models: sequence backbones (SASRec) behind one small interface (encode, score), and the reward
+"""Models: sequence backbones (SASRec, HSTU) behind one small interface (encode, score), and the reward
 model as a component (a backbone with a rating head)."""
 
 import torch
 
 from recpost.models.backbone import Backbone, BackboneConfig, mask_padding_column
 from recpost.models.frozen import disable_dropout, freeze, frozen_copy
+from recpost.models.hstu import HSTU
 from recpost.models.registry import BACKBONES, build_backbone
 from recpost.models.reward import RatingHead, RatingModel
 from recpost.models.sasrec import SASRec
@@ -13,6 +14,6 @@ from recpost.models.sasrec import SASRec
 torch.serialization.add_safe_globals([BackboneConfig])
 
 __all__ = [
-    "BACKBONES", "Backbone", "BackboneConfig", "RatingHead", "RatingModel", "SASRec", "build_backbone",
+    "BACKBONES", "HSTU", "Backbone", "BackboneConfig", "RatingHead", "RatingModel", "SASRec", "build_backbone",
     "disable_dropout", "freeze", "frozen_copy", "mask_padding_column",
 ]

@@ -1,8 +1,10 @@
 """The backbone interface every method uses: encode a history, score items.
 
-A backbone maps ``(item_ids [B, L], ratings [B, L] | None) -> hidden [B, L, d]`` (left-padded with 0,
-causal: position t sees items <= t) and scores items by the dot product with the item embedding
-table, which is tied to the input embeddings. Methods never touch the layers inside.
+A backbone maps ``(item_ids [B, L], ratings [B, L] | None, timestamps [B, L] | None) -> hidden
+[B, L, d]`` (left-padded with 0, causal: position t sees items <= t, their ratings and timestamps,
+never anything later, so never the target's) and scores items against the item embedding table,
+which is tied to the input embeddings: by dot product (recpost's default) or by cosine similarity
+over a temperature (the published SASRec/HSTU recipe). Methods never touch the layers inside.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+L2_NORM_EPS = 1e-6  # the reference HSTU code's l2_norm_eps
 
 
 @dataclass
@@ -20,32 +25,51 @@ class BackboneConfig:
     """Architecture of the sequence encoder (shared by every method, so checkpoints transfer).
 
     Args:
-        name: ``sasrec`` (pre-LN causal transformer).
+        name: ``sasrec`` (pre-LN causal transformer, Kang & McAuley 2018) or ``hstu`` (pointwise
+            SiLU attention with relative position and time biases, Zhai et al. 2024); see
+            ``docs/backbones.md``.
         d_model: hidden and item embedding size.
-        n_layers: transformer blocks.
+        n_layers: blocks.
         n_heads: attention heads.
-        dropout: dropout on embeddings, attention and feed-forward outputs.
-        ff_mult: feed-forward width as a multiple of ``d_model``.
+        dropout: dropout on embeddings and on each block's output (SASRec: also inside the FFN).
+        ff_mult: SASRec's feed-forward width as a multiple of ``d_model``.
+        activation: SASRec's feed-forward activation (the original SASRec: ``relu``).
+        attention_dim: HSTU's query/key size per head (``null``: ``d_model // n_heads``).
+        linear_dim: HSTU's value/gate (U, V) size per head (``null``: ``d_model // n_heads``).
+        time_bias: HSTU: add the relative attention bias of the (log-bucketed) time between events.
+        time_buckets: HSTU: number of log-spaced time-gap buckets.
+        similarity: ``dot`` (logits = hidden . item embedding) or ``cosine`` (both L2-normalised, over
+            ``temperature``: the published SASRec/HSTU recipe with a sampled softmax).
+        temperature: divides cosine logits (the published recipe: 0.05); ignored for ``dot``.
         use_ratings: add an embedding of each past item's rating to its input (the target's rating
             is never an input).
     """
 
-    name: Literal["sasrec"] = "sasrec"
+    name: Literal["sasrec", "hstu"] = "sasrec"
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.2
     ff_mult: int = 4
+    activation: Literal["gelu", "relu"] = "gelu"
+    attention_dim: int | None = None
+    linear_dim: int | None = None
+    time_bias: bool = True
+    time_buckets: int = 128
+    similarity: Literal["dot", "cosine"] = "dot"
+    temperature: float = 1.0
     use_ratings: bool = False
 
 
 class Backbone(nn.Module, ABC):
     """Base class: item embeddings (0 = padding) and scoring; subclasses implement ``encode``."""
 
-    def __init__(self, n_items: int, d_model: int) -> None:
+    def __init__(self, n_items: int, d_model: int, similarity: str = "dot", temperature: float = 1.0) -> None:
         super().__init__()
         self.n_items = n_items
         self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
+        self.similarity = similarity
+        self.temperature = temperature
 
     @classmethod
     @abstractmethod
@@ -53,22 +77,32 @@ class Backbone(nn.Module, ABC):
         """The backbone ``cfg`` describes (``cfg.name`` picks the class in ``recpost.models.registry``)."""
 
     @abstractmethod
-    def encode(self, items: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states ``[B, L, d]`` for left-padded ``items [B, L]`` (and their ``ratings``)."""
+    def encode(
+        self, items: torch.Tensor, ratings: torch.Tensor | None = None, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states ``[B, L, d]`` for left-padded ``items [B, L]`` (and their ``ratings``, ``timestamps``)."""
 
     def item_weights(self) -> torch.Tensor:
         """Output embeddings ``[n_items + 1, d]`` (row 0 is padding and never recommended)."""
         return self.item_emb.weight
+
+    def _scoring(self, hidden: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden`` and item ``weights`` as the similarity compares them (fp32; L2-normalised and the
+        temperature folded into ``hidden`` for ``cosine``)."""
+        hidden, weights = hidden.float(), weights.float()
+        if self.similarity == "cosine":
+            hidden = F.normalize(hidden, dim=-1, eps=L2_NORM_EPS) / self.temperature
+            weights = F.normalize(weights, dim=-1, eps=L2_NORM_EPS)
+        return hidden, weights
 
     def score(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Logits in fp32: over the whole catalog ``[..., n_items + 1]`` (padding at -inf), or for the
         given candidate ``items`` ``[..., K]`` (same leading shape as ``hidden`` minus d)."""
         if items is None:
             return self.score_columns(hidden, slice(None))
-        hidden = hidden.float()
-        weights = self.item_weights().float()
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return (weights[items] * hidden.unsqueeze(-2)).sum(-1)
+            hidden, weights = self._scoring(hidden, self.item_weights()[items])
+            return (weights * hidden.unsqueeze(-2)).sum(-1)
 
     def score_columns(self, hidden: torch.Tensor, columns: slice | torch.Tensor) -> torch.Tensor:
         """Logits in fp32 of the same items for every row, in one matmul: ``hidden [..., d]`` -> ``[..., K]``.
@@ -77,9 +111,8 @@ class Backbone(nn.Module, ABC):
         a chunk in chunked evaluation) or item ids ``[K]`` (negatives shared by a batch). The padding
         column (item 0) is -inf.
         """
-        hidden = hidden.float()
-        weights = self.item_weights().float()[columns]  # [K, d]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
+            hidden, weights = self._scoring(hidden, self.item_weights()[columns])  # [..., d], [K, d]
             logits = hidden @ weights.T  # [..., K]
         return mask_padding_column(logits, columns)
 

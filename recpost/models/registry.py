@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from recpost.errors import RecpostError
 from recpost.models.backbone import Backbone, BackboneConfig
+from recpost.models.hstu import HSTU
 from recpost.models.sasrec import SASRec
 
-BACKBONES: dict[str, type[Backbone]] = {"sasrec": SASRec}
+BACKBONES: dict[str, type[Backbone]] = {"sasrec": SASRec, "hstu": HSTU}
 
 
 def build_backbone(cfg: BackboneConfig, n_items: int, max_len: int) -> Backbone:

@@ -101,30 +101,33 @@ class RatingModel(nn.Module):
     def n_items(self) -> int:
         return self.backbone.n_items
 
-    def states(self, items: torch.Tensor, ratings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def states(
+        self, items: torch.Tensor, ratings: torch.Tensor, timestamps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(offset [B, L], query [B, L, d], item_emb [V + 1, d])`` in fp32 for histories ``items [B, L]``
-        with their ``ratings [B, L]``: what the head needs to score any item at any position."""
-        hidden = self.backbone.encode(items, ratings).float()  # [B, L, d]
+        with their ``ratings [B, L]`` (and ``timestamps``): what the head needs to score any item anywhere."""
+        hidden = self.backbone.encode(items, ratings, timestamps).float()  # [B, L, d]
         item_emb = self.backbone.item_weights().float()  # [V + 1, d]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             offset, query = self.head.state(hidden, items, ratings, item_emb)
         return offset, query, item_emb
 
     def predict_rewards(
-        self, input_items: torch.Tensor, input_ratings: torch.Tensor, candidates: torch.Tensor | None = None
+        self, input_items: torch.Tensor, input_ratings: torch.Tensor, candidates: torch.Tensor | None = None,
+        input_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicted ratings after each whole history ``input_items [B, L]``: of every item ``[B, n_items + 1]``
         (column 0 is padding: meaningless), or of ``candidates [B, K]`` -> ``[B, K]``."""
-        offset, query, item_emb = self.states(input_items, input_ratings)
+        offset, query, item_emb = self.states(input_items, input_ratings, input_timestamps)
         with torch.autocast(device_type=offset.device.type, enabled=False):
             return self.head(offset[:, -1], query[:, -1], item_emb, candidates)
 
     def rewards_at(
         self, input_items: torch.Tensor, input_ratings: torch.Tensor, states: torch.Tensor,
-        candidates: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None, input_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicted ratings at the ``states [B, L]`` (bool) positions: of ``candidates [N, K]`` -> ``[N, K]``
         (only those items are scored), or of every item -> ``[N, n_items + 1]``."""
-        offset, query, item_emb = self.states(input_items, input_ratings)
+        offset, query, item_emb = self.states(input_items, input_ratings, input_timestamps)
         with torch.autocast(device_type=offset.device.type, enabled=False):
             return self.head(offset[states], query[states], item_emb, candidates)

@@ -8,23 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recpost.errors import RecpostError
 from recpost.models.backbone import Backbone, BackboneConfig
 
 
 class _Block(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + FFN(LN(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, ff_mult: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float, ff_mult: int, activation: str = "gelu") -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+            raise RecpostError(f"model.backbone.d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.n_heads = n_heads
         self.ln1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = nn.Sequential(
-            nn.Linear(d_model, ff_mult * d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_mult * d_model, d_model)
+            nn.Linear(d_model, ff_mult * d_model), nn.ReLU() if activation == "relu" else nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(ff_mult * d_model, d_model),
         )
         self.dropout = nn.Dropout(dropout)
 
@@ -49,15 +51,16 @@ class SASRec(Backbone):
 
     def __init__(
         self, n_items: int, max_len: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 2,
-        dropout: float = 0.2, ff_mult: int = 4, use_ratings: bool = False,
+        dropout: float = 0.2, ff_mult: int = 4, use_ratings: bool = False, activation: str = "gelu",
+        similarity: str = "dot", temperature: float = 1.0,
     ) -> None:
-        super().__init__(n_items, d_model)
+        super().__init__(n_items, d_model, similarity, temperature)
         self.max_len = max_len
         self.d_model = d_model
         self.pos_emb = nn.Embedding(max_len, d_model)
         self.rating_proj = nn.Linear(1, d_model) if use_ratings else None
         self.emb_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout, ff_mult) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout, ff_mult, activation) for _ in range(n_layers))
         self.final_ln = nn.LayerNorm(d_model)
         self.apply(self._init_weights)
 
@@ -65,7 +68,8 @@ class SASRec(Backbone):
     def from_config(cls, cfg: BackboneConfig, n_items: int, max_len: int) -> SASRec:
         return cls(
             n_items=n_items, max_len=max_len, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-            dropout=cfg.dropout, ff_mult=cfg.ff_mult, use_ratings=cfg.use_ratings,
+            dropout=cfg.dropout, ff_mult=cfg.ff_mult, use_ratings=cfg.use_ratings, activation=cfg.activation,
+            similarity=cfg.similarity, temperature=cfg.temperature,
         )
 
     @staticmethod
@@ -77,7 +81,10 @@ class SASRec(Backbone):
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                 module.weight.data[module.padding_idx].zero_()
 
-    def encode(self, items: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, items: torch.Tensor, ratings: torch.Tensor | None = None, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states ``[B, L, d]``; SASRec uses no timestamps (they are accepted and ignored)."""
         B, L = items.shape  # [B, L]
         if L > self.max_len:
             items, L = items[:, -self.max_len:], self.max_len
