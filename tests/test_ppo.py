@@ -240,3 +240,33 @@ def test_two_fits_with_the_same_seed_end_with_the_same_bits(rlhf_setup):
 
     first, second = fit(), fit()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_first_ppo_loss_equals_a_naive_computation_on_a_fixed_batch(rlhf_setup):
+    # Dense per-state masks built item by item, the full reference log-probs and the exact KL by hand:
+    # the fast path (index-list masks, no copies of the reference rows) gives the same loss.
+    from recpost.methods.policy import exact_kl
+
+    dm = rlhf_setup[0]
+    ppo = _ppo(rlhf_setup, kl_coef=0.3)
+    with torch.no_grad():
+        ppo.backbone.item_emb.weight.mul_(2.0)  # policy != reference, so the KL term is not zero
+    batch = dm.train_batch(list(range(len(dm.train_windows()[0]))))
+    roll = ppo.rollout(batch)
+    loss, _, _ = ppo.minibatch_loss(batch, roll, None)
+
+    def naive(backbone):
+        hidden = backbone.encode(batch["input_items"], batch["input_ratings"], batch["input_timestamps"])
+        rows = []
+        for b, t in roll.states.nonzero().tolist():
+            logits = backbone.score(hidden[b, t]).clone()
+            had = set(batch["earlier_items"][b].tolist()) | set(batch["input_items"][b, : t + 1].tolist()) | {0}
+            logits[sorted(had)] = float("-inf")
+            rows.append(logits.log_softmax(-1))
+        return torch.stack(rows)
+
+    with torch.no_grad():
+        logp, ref = naive(ppo.backbone), naive(ppo.reference)
+    surrogate, _ = clipped_surrogate(logp.gather(1, roll.actions), roll.logp_old, roll.advantages, 0.2)
+    expected = surrogate + 0.3 * exact_kl(logp, ref).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -17,6 +17,8 @@ action is one item. The base holds
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, get_args
 
 import torch
@@ -24,7 +26,7 @@ import torch
 from recpost.batch import TrainBatch
 from recpost.methods.base import RecModule
 from recpost.methods.checks import one_of
-from recpost.methods.policy import state_log_probs, state_positions
+from recpost.methods.policy import state_history, state_log_probs, state_positions
 from recpost.models import Backbone, RatingModel, frozen_copy
 from recpost.models import disable_dropout as turn_off_dropout  # the argument of the same name is a flag
 
@@ -100,6 +102,46 @@ class PolicyModule(RecModule):
             batch["input_ratings"][select], states[select], self.hparams.mask_history, batch["earlier_items"][select],
             timestamps[select] if timestamps is not None else None,
         )
+
+    # ----------------------------------------------------------------------------------- large catalogs
+    @property
+    def n_columns(self) -> int:
+        return self.hparams.n_items + 1
+
+    @property
+    def chunk_size(self) -> int:
+        """Catalog items scored at a time in training (``score_chunk_size``; the whole catalog when null)."""
+        return self.hparams.score_chunk_size or self.n_columns
+
+    def state_hidden(
+        self, batch: TrainBatch, states: torch.Tensor, rows: torch.Tensor | None = None, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The states' hidden vectors ``[N, d]`` under the policy or the ``reference``, and what the user had by
+        each state ``[N, H + L]`` (item ids, 0 = none; ``None`` when ``mask_history`` is off): what the
+        catalog functions of ``recpost.methods.catalog`` take, without any ``[N, n_items]`` tensor."""
+        select = slice(None) if rows is None else rows
+        items, timestamps = batch["input_items"][select], batch.get("input_timestamps")
+        backbone = self.reference if reference else self.backbone
+        hidden = backbone.encode(items, batch["input_ratings"][select],
+                                 timestamps[select] if timestamps is not None else None)[states[select]]  # [N, d]
+        history = state_history(items, states[select], batch["earlier_items"][select]) if self.hparams.mask_history else None
+        return hidden, history
+
+    @contextmanager
+    def dropout_off(self) -> Iterator[None]:
+        """The policy in eval mode inside the block (as the reference always is), its mode restored after:
+        what a method samples from the policy is then the policy's own distribution, even with
+        ``disable_dropout: false`` (which keeps dropout for the updates)."""
+        training = self.backbone.training
+        self.backbone.eval()
+        try:
+            yield
+        finally:
+            self.backbone.train(training)
+
+    def scorer(self, reference: bool = False):
+        """``(hidden [N, d], columns) -> logits [N, C]`` of the policy or the reference."""
+        return (self.reference if reference else self.backbone).score_columns
 
     def rewards(self, batch: TrainBatch, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The reward model's predicted rating of ``items [N, K]`` at the ``states [B, L]`` -> ``[N, K]``

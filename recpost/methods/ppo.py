@@ -44,6 +44,7 @@ from torch import nn
 from recpost.batch import TrainBatch
 from recpost.methods.base import check_finite
 from recpost.methods.checks import at_least, non_negative, one_of, optional, positive, require
+from recpost.methods.catalog import catalog_entropy, catalog_logsumexp, sample_from_catalog
 from recpost.methods.policy import entropy, exact_kl, kl_k1, kl_k3, sample_items
 from recpost.methods.policy_base import PolicyModule
 
@@ -152,6 +153,11 @@ class PPO(PolicyModule):
         positive("cliprange_value", s["cliprange_value"])
         optional(positive, "target_kl", s["target_kl"])
         optional(positive, "max_grad_norm", s["max_grad_norm"])
+        if s["score_chunk_size"] is not None:  # the catalog never held whole: no exact sums over it
+            require(s["kl_estimator"] != "exact", "model.kl_estimator: exact sums over the whole catalog; with "
+                    "model.score_chunk_size set, use k3 (or k1), or set score_chunk_size: null")
+            require(s["entropy_coef"] == 0, "model.entropy_coef needs the whole catalog; with model.score_chunk_size "
+                    "set, use entropy_coef: 0 (the entropy is still logged)")
         super().check_settings(**settings)
 
     def __init__(
@@ -195,10 +201,33 @@ class PPO(PolicyModule):
         return self.hparams.ppo_epochs * self.hparams.num_minibatches
 
     # ----------------------------------------------------------------------------------- rollout
-    def _minibatches(self, n_rows: int, shuffle: bool, device: torch.device) -> list[torch.Tensor]:
-        """Row (window) indices of each minibatch: in order for the rollout and the first pass, shuffled after."""
+    def _minibatches(self, n_rows: int, shuffle: bool, device: torch.device) -> list[torch.Tensor | None]:
+        """Row (window) indices of each minibatch: in order for the rollout and the first pass, shuffled after.
+        One minibatch is the whole batch (``None``: all rows, in order, nothing to gather)."""
+        if self.hparams.num_minibatches == 1:
+            return [None]
         order = torch.randperm(n_rows) if shuffle else torch.arange(n_rows)
         return [rows.to(device) for rows in order.tensor_split(self.hparams.num_minibatches) if len(rows)]
+
+    @staticmethod
+    def _state_rows(roll: Rollout, rows: torch.Tensor | None) -> torch.Tensor | slice:
+        """The rollout rows (states) of the windows ``rows``: all of them, in order, for ``None``."""
+        return slice(None) if rows is None else roll.index[rows][roll.states[rows]]
+
+    @torch.no_grad()
+    def _chunked_rollout(self, batch: TrainBatch, states: torch.Tensor, rows: torch.Tensor | None):
+        """A rollout's per-state pieces a chunk of the catalog at a time: ``(hidden [m, d], actions [m, k],
+        their log-probs under the policy and the reference [m, k], the policy's entropy [m])``."""
+        hp = self.hparams
+        hidden, history = self.state_hidden(batch, states, rows)
+        lse = catalog_logsumexp(self.scorer(), hidden, history, self.n_columns, self.chunk_size)
+        actions = sample_from_catalog(self.scorer(), hidden, history, self.n_columns, self.chunk_size, hp.k,
+                                      hp.replacement, lse)
+        ref_hidden, _ = self.state_hidden(batch, states, rows, reference=True)
+        ref_lse = catalog_logsumexp(self.scorer(reference=True), ref_hidden, history, self.n_columns, self.chunk_size)
+        ent = catalog_entropy(self.scorer(), hidden, history, self.n_columns, self.chunk_size, lse)
+        return (hidden, actions, self.backbone.score(hidden, actions) - lse[:, None],
+                self.reference.score(ref_hidden, actions) - ref_lse[:, None], ent)
 
     def _value(self, hidden: torch.Tensor) -> torch.Tensor:
         """``V(s)`` ``[N, d] -> [N]`` in fp32 whatever the autocast: a value in stars, which bf16 would
@@ -219,17 +248,23 @@ class PPO(PolicyModule):
         kl, ent = torch.empty(n, device=states.device), torch.empty(n, device=states.device)
         d_model = self.backbone.item_weights().shape[1]
         hidden_all = torch.empty(n, d_model, device=states.device) if self.value_head is not None else None
-        ref_full = torch.empty(n, hp.n_items + 1, device=states.device) if hp.kl_estimator == "exact" else None
+        exact = hp.kl_estimator == "exact"
+        ref_full = torch.empty(n, hp.n_items + 1, device=states.device) if exact and hp.num_minibatches > 1 else None
         # The same windows, in the same order, as the first update's minibatches: its ratio is exactly 1.
         for rows in self._minibatches(len(states), shuffle=False, device=states.device):
-            idx = index[rows][states[rows]]
-            logp, hidden = self.log_probs(batch, states, rows)  # [m, V + 1], [m, d]
-            ref, _ = self.log_probs(batch, states, rows, reference=True)
-            a = sample_items(logp, hp.k, replacement=hp.replacement)  # [m, k]
-            actions[idx], logp_old[idx], ref_a[idx] = a, logp.gather(1, a), ref.gather(1, a)
-            kl[idx], ent[idx] = exact_kl(logp, ref), entropy(logp)
-            if ref_full is not None:
-                ref_full[idx] = ref
+            idx = slice(None) if rows is None else index[rows][states[rows]]
+            if hp.score_chunk_size is None:
+                logp, hidden = self.log_probs(batch, states, rows)  # [m, V + 1], [m, d]
+                ref, _ = self.log_probs(batch, states, rows, reference=True)
+                a = sample_items(logp, hp.k, replacement=hp.replacement)  # [m, k]
+                actions[idx], logp_old[idx], ref_a[idx] = a, logp.gather(1, a), ref.gather(1, a)
+                kl[idx], ent[idx] = exact_kl(logp, ref), entropy(logp)
+                if exact:  # one minibatch: the reference log-probs are kept as they are, no copy
+                    ref_full = ref if rows is None else ref_full.index_copy_(0, idx, ref)
+            else:  # a chunk of the catalog at a time: no [m, V + 1] tensor (sampled KL estimators only)
+                hidden, a, logp_a, ref_logp_a, ent[idx] = self._chunked_rollout(batch, states, rows)
+                actions[idx], logp_old[idx], ref_a[idx] = a, logp_a, ref_logp_a
+                kl[idx] = (kl_k1 if hp.kl_estimator == "k1" else kl_k3)(logp_a, ref_logp_a).mean(dim=1)
             if hidden_all is not None:
                 hidden_all[idx] = hidden.float()
         rm_rewards = self.rewards(batch, states, actions)  # [N, k]: only the sampled items are scored
@@ -264,9 +299,15 @@ class PPO(PolicyModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Loss of one update on the windows ``rows``; returns ``(loss, diagnostics, ratio [m, k])``."""
         hp = self.hparams
-        idx = roll.index[rows][roll.states[rows]]
-        logp, hidden = self.log_probs(batch, roll.states, rows)  # [m, V + 1], [m, d]
-        logp_a, logp_old = logp.gather(1, roll.actions[idx]), roll.logp_old[idx]
+        idx = self._state_rows(roll, rows)
+        if hp.score_chunk_size is None:
+            logp, hidden = self.log_probs(batch, roll.states, rows)  # [m, V + 1], [m, d]
+            logp_a = logp.gather(1, roll.actions[idx])
+        else:
+            hidden, history = self.state_hidden(batch, roll.states, rows)  # [m, d]
+            lse = catalog_logsumexp(self.scorer(), hidden, history, self.n_columns, self.chunk_size)  # [m]
+            logp_a = self.backbone.score(hidden, roll.actions[idx]) - lse[:, None]
+        logp_old = roll.logp_old[idx]
         loss, stats = clipped_surrogate(logp_a, logp_old, roll.advantages[idx], hp.clip_range)
         stats["loss/policy"] = loss.detach()
         if hp.entropy_coef > 0:

@@ -1,0 +1,175 @@
+"""The timed pieces of ``recpost bench``: data, one training step of each method, interleaved timing."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from recpost.checkpoint import save_checkpoint
+from recpost.data import MovieLens, RecDataModule
+from recpost.data.sources import default_data_root
+from recpost.methods import DPO, PPO, SFT, ExpSFT, RewardModel
+
+WARMUP_REPETITIONS = 1  # the first interleaved repetition is not timed: allocators and caches warm up
+LARGE_CATALOG = 20_000  # from this many items the methods use their large-catalog paths
+NUM_NEGATIVES = 1_024  # sampled softmax of SFT / ExpSFT on a large catalog
+CHUNK = 8_192  # score_chunk_size of PPO / DPO (and evaluation) on a large catalog
+METHODS = ("sft", "exp_sft", "dpo", "ppo")
+
+
+class Timer(L.Callback):
+    """Wall time of each training epoch (without validation) and of each validation loop."""
+
+    def __init__(self) -> None:
+        self.train: list[float] = []
+        self.val: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.train.append(time.perf_counter() - self._t)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._v = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.val.append(time.perf_counter() - self._v)
+
+
+def datamodule(dataset: str, max_len: int, batch_size: int, n_items: int, length_grouping: int) -> RecDataModule:
+    """ML-100K, ML-1M (this project's users 1-2,999 copy when present) or the simulator with ``n_items``."""
+    if dataset == "ml100k":
+        source = MovieLens("100k", download=False)
+    elif dataset == "ml1m":
+        # This project's copy is the subset of users 1..2,999 in its own root; a full ML-1M archive
+        # under $RECPOST_DATA_DIR is used when the subset folder is not there.
+        subset = default_data_root() / "ml-1m-users1-2999"
+        source = MovieLens("1m", root=str(subset) if subset.is_dir() else None, download=False)
+    else:
+        from recpost.data import Simulator
+        from recpost.data.simulator import WorldConfig
+
+        # Large worlds expose each user to a random 1,000 items, so generation stays seconds.
+        world = WorldConfig(n_items=n_items, candidates=1_000 if n_items > 10_000 else None)
+        source = Simulator(world, max_seq_len=min(60, max_len + 10))
+    return RecDataModule(source, max_len=max_len, batch_size=batch_size, eval_batch_size=1024,
+                         length_grouping=length_grouping)
+
+
+def method_settings(name: str, n_items: int) -> dict:
+    """The shipped defaults of each method, plus its large-catalog path from ``LARGE_CATALOG`` items on."""
+    if n_items < LARGE_CATALOG:
+        return {"exp_sft": {"lam": 1.0}}.get(name, {})
+    large = {
+        "sft": {"softmax": "sampled", "num_negatives": NUM_NEGATIVES},
+        "exp_sft": {"lam": 1.0, "softmax": "sampled", "num_negatives": NUM_NEGATIVES},
+        "dpo": {"score_chunk_size": CHUNK},
+        "ppo": {"score_chunk_size": CHUNK, "kl_estimator": "k3"},
+        "reward_model": {"score_chunk_size": CHUNK},
+    }
+    return large.get(name, {})
+
+
+class Step:
+    """One method set up for timed training steps with Fabric (no Trainer), running the method's own
+    ``training_step``; for automatic-optimisation methods also the backward and optimiser step that
+    Lightning's loop would add. Fabric has no LR schedulers: all methods train at a constant rate."""
+
+    def __init__(self, module: L.LightningModule, device: str = "cpu", lr: float = 1e-3) -> None:
+        module.lr_schedulers = lambda: None  # what PPO's manual loop asks for; None = constant rate
+        self.fabric = L.Fabric(accelerator=device, devices=1, precision="32-true")
+        opt = torch.optim.AdamW(module.parameters(), lr=lr)
+        self.module, self.opt = self.fabric.setup(module, opt)
+        self.automatic = module.automatic_optimization
+        self.module.train()
+
+    def __call__(self, batch: dict[str, torch.Tensor], batch_idx: int) -> float:
+        """Seconds of one full training step on ``batch``."""
+        batch = self.fabric.to_device(batch)
+        if self.fabric.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = self.module.training_step(batch, batch_idx)
+        if self.automatic:
+            self.opt.zero_grad(set_to_none=True)
+            self.fabric.backward(loss)
+            self.opt.step()
+        if self.fabric.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+
+def method_modules(dm: RecDataModule, common: dict, workdir: Path, names=METHODS) -> dict[str, L.LightningModule]:
+    """The methods from the same initial weights (each with its shipped defaults), PPO/DPO with a reward
+    model randomly initialised (its biases from the data, so pairs are not all ties): a trained one costs
+    the same."""
+    torch.manual_seed(0)
+    rm = RewardModel(**common, **method_settings("reward_model", dm.n_items))
+    train = dm.training_interactions()
+    rm.init_biases(train.item, train.rating)
+    rm_path = save_checkpoint(rm, workdir / "reward_model.ckpt")
+    torch.manual_seed(0)
+    sft = SFT(**common, **method_settings("sft", dm.n_items))
+    pre_path = save_checkpoint(sft, workdir / "policy.ckpt")
+    post = dict(common, init_from=str(pre_path))
+    classes = {"sft": SFT, "exp_sft": ExpSFT, "dpo": DPO, "ppo": PPO, "reward_model": RewardModel}
+    modules = {}
+    for name in names:
+        kw = dict(post, **method_settings(name, dm.n_items))
+        if name in ("dpo", "ppo"):
+            kw["reward_model"] = str(rm_path)
+        modules[name] = sft if name == "sft" else classes[name](**kw)
+    return modules
+
+
+def method_steps(dm: RecDataModule, common: dict, device: str, names=METHODS) -> dict[str, Step]:
+    with tempfile.TemporaryDirectory(prefix="recpost-bench-") as workdir:
+        return {name: Step(module, device) for name, module in method_modules(dm, common, Path(workdir), names).items()}
+
+
+def batches(dm: RecDataModule) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches forever (a new shuffled epoch whenever one ends)."""
+    while True:
+        yield from dm.train_dataloader()
+
+
+def interleaved_step_seconds(
+    steps: dict[str, Step], stream: Iterator[dict[str, torch.Tensor]], repetitions: int
+) -> tuple[dict[str, list[float]], list[dict[str, torch.Tensor]]]:
+    """Seconds per step of every method, ``repetitions`` times, each repetition on one batch with the
+    methods in a rotating order (no method always runs first, after another, or on a cold cache).
+
+    Returns ``({method: [seconds per repetition]}, [the batches timed])``.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    timed_batches = []
+    for i in range(repetitions + WARMUP_REPETITIONS):
+        batch = next(stream)
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = steps[name](batch, i)
+            if i >= WARMUP_REPETITIONS:
+                times[name].append(seconds)
+        if i >= WARMUP_REPETITIONS:
+            timed_batches.append(batch)
+    return times, timed_batches
+
+
+def epoch_seconds(module: L.LightningModule, dm: RecDataModule, epochs: int, device: str = "cpu") -> Timer:
+    """Train ``module`` for ``epochs`` through Lightning's Trainer (each epoch followed by a validation)."""
+    timer = Timer()
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=dm)
+    return timer

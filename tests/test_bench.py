@@ -1,0 +1,36 @@
+"""``recpost bench``'s pieces: the large-catalog settings, the FLOP count, and a clear refusal without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recpost.bench import bench, sft_step_flops
+from recpost.bench.steps import LARGE_CATALOG, method_settings
+from recpost.errors import RecpostError
+from recpost.models import BackboneConfig
+
+
+def test_large_catalogs_switch_every_method_to_its_bounded_memory_path():
+    assert method_settings("ppo", LARGE_CATALOG - 1) == {} and method_settings("dpo", 1_000) == {}
+    big = LARGE_CATALOG
+    assert method_settings("sft", big)["softmax"] == "sampled"
+    assert method_settings("exp_sft", big)["softmax"] == "sampled"
+    assert method_settings("ppo", big)["kl_estimator"] == "k3" and method_settings("ppo", big)["score_chunk_size"]
+    assert method_settings("dpo", big)["score_chunk_size"]
+
+
+def test_useful_flops_leave_out_the_padding():
+    batch = {"input_items": torch.tensor([[0, 0, 1, 2], [3, 4, 5, 6]]), "next_items": torch.tensor([[0, 0, 2, 7], [4, 5, 6, 7]])}
+    cfg = BackboneConfig(d_model=8, n_layers=1, ff_mult=4)
+    full, useful = sft_step_flops(batch, cfg, 10), sft_step_flops(batch, cfg, 10, useful=True)
+    # dense work on 8 positions vs 6 real ones, attention 2 x 16 vs 4 + 16, the same 6 targets' logits
+    logits = 2 * 6 * 8 * 11
+    assert full == 3 * ((2 * 8 * 12 * 64 + 4 * 32 * 8) + logits)
+    assert useful == 3 * ((2 * 6 * 12 * 64 + 4 * 20 * 8) + logits)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: --device cuda is valid here")
+def test_device_cuda_without_a_gpu_is_one_clear_error():
+    with pytest.raises(RecpostError, match="--device cuda: no CUDA device"):
+        bench(device="cuda")
