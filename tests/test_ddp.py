@@ -3,12 +3,12 @@ equals one process's exactly.
 
 101 users over 2 ranks: Lightning's sampler pads one shard with a repeated user, which the metrics
 must not count twice. The runs form the real chain: SFT from scratch, the reward model from SFT,
-then ExpSFT, PPO and DPO from SFT with that reward model, each fitted with ``--trainer.strategy ddp``,
+then ExpSFT, PPO, DPO and online DPO from SFT with that reward model, each fitted with ``--trainer.strategy ddp``,
 once with SASRec and once with HSTU (the backbone set in the tiny config).
 
 Every launch pays seconds of imports per process, so each stage of the chain runs as one launch
-(``python -m tests.test_ddp fit|test1|test2 <folder>``, the CLI's own ``run_lightning_cli``): the five
-DDP fits one after the other, the five one-process reference tests, and the five two-process tests
+(``python -m tests.test_ddp fit|test1|test2 <folder>``, the CLI's own ``run_lightning_cli``): the six
+DDP fits one after the other, the six one-process reference tests, and the six two-process tests
 in one DDP launch. Test and validation share the evaluation code; test also writes the per-user rows.
 """
 
@@ -35,6 +35,7 @@ EXPECTED = {
     "exp_sft": ("val/eval_rm_reward@10",),
     "ppo": ("val/rm_reward@10",),
     "dpo": ("val/rm_reward@10",),
+    "online_dpo": ("val/rm_reward@10",),  # DPO on pairs each rank samples from its current policy
 }
 
 
@@ -48,7 +49,7 @@ def method_args(folder: Path, method: str) -> list[str]:
     if method != "sft":
         args += ["--config", str(METHOD_CONFIGS / f"{method}.yaml"),
                  "--model.init_args.init_from", str(best_checkpoint(folder, "sft"))]
-    if method in ("ppo", "dpo"):
+    if method in ("ppo", "dpo", "online_dpo"):
         args += ["--model.init_args.reward_model", str(best_checkpoint(folder, "reward_model"))]
     return args
 

@@ -92,10 +92,14 @@ def test_first_seen_finds_when_a_state_first_had_each_next_item():
 def test_reward_model_pairs_are_ranked_by_the_reward_model(rlhf_setup):
     dpo = _dpo(rlhf_setup)
     batch = rlhf_setup[0].train_batch(list(range(32)))
-    states, chosen, rejected = dpo._pairs(batch)
+    states, pairs, reference = dpo._pairs(batch)
+    chosen, rejected = pairs.unbind(1)
     rewards = dpo._frozen["reward_model"].rewards_at(batch["input_items"], batch["input_ratings"], states)
     rows = torch.arange(len(chosen))
     assert len(chosen) > 0 and (rewards[rows, chosen] > rewards[rows, rejected]).all()
+    # the pairs' reference log-probs are the reference policy's at those states
+    ref, _ = dpo.log_probs(batch, states, reference=True)
+    assert torch.allclose(reference, ref.gather(1, pairs), atol=1e-6)
 
 
 @pytest.mark.parametrize("pair_source", ["reward_model", "logged"])
@@ -103,7 +107,8 @@ def test_pairs_never_use_an_item_the_user_had_before_the_window(rlhf_setup, pair
     dm = rlhf_setup[0]
     dpo = _dpo(rlhf_setup, pair_source=pair_source)
     batch = dm.train_batch(list(range(len(dm.train_windows()[0]))))
-    states, chosen, rejected = dpo._pairs(batch)
+    states, pairs, _ = dpo._pairs(batch)
+    chosen, rejected = pairs.unbind(1)
     earlier = batch["earlier_items"][states.nonzero()[:, 0]]  # [P, H]
     assert len(chosen) and (batch["earlier_items"] > 0).any()
     for items in (chosen, rejected):
@@ -164,3 +169,49 @@ def test_recpost_fit_runs_dpo_and_logs_trl_metrics(tiny_config):
     val = next(r for r in rows if r.get("val/ndcg@10"))
     assert math.isfinite(float(val["val/rm_reward@10"]))
     assert (run.best_checkpoint).is_file()
+
+
+def _naive_log_probs(backbone, batch, states):
+    """log pi over the catalog at each state with a dense mask built item by item (the slow, obvious way)."""
+    hidden = backbone.encode(batch["input_items"], batch["input_ratings"], batch["input_timestamps"])
+    rows = []
+    for b, t in states.nonzero().tolist():
+        logits = backbone.score(hidden[b, t]).clone()  # [V + 1]
+        had = set(batch["earlier_items"][b].tolist()) | set(batch["input_items"][b, : t + 1].tolist()) | {0}
+        logits[sorted(had)] = float("-inf")
+        rows.append(logits.log_softmax(-1))
+    return torch.stack(rows)
+
+
+NAIVE_CASES = {
+    "rm-pairs": {"pair_source": "reward_model"},
+    "logged-pairs": {"pair_source": "logged"},
+    "online-pairs": {"pair_policy": "current"},  # sampled from the policy being trained
+    "ensemble-filtered": {"reward_ensemble": 3, "ensemble_filter_z": 0.5},  # RS-DPO
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 7], ids=["whole-catalog", "chunked"])
+@pytest.mark.parametrize("case", NAIVE_CASES)
+def test_the_dpo_loss_equals_a_naive_computation_on_a_fixed_batch(rlhf_setup, tmp_path, case, chunk):
+    # The fast path (index-list masks, one shared reference pass, the catalog a chunk at a time) computes
+    # exactly the obvious loss on the pairs it drew, with a policy that has moved from the reference.
+    dm, _, rm = rlhf_setup
+    settings = dict(NAIVE_CASES[case])
+    if "reward_ensemble" in settings:
+        settings["reward_ensemble"] = [str(rm)] + [
+            str(reward_model_checkpoint(dm, tmp_path / f"rm{k}.ckpt", seed=k)) for k in range(1, settings["reward_ensemble"])]
+    dpo = _dpo(rlhf_setup, score_chunk_size=chunk, **settings)
+    with torch.no_grad():
+        dpo.backbone.item_emb.weight.mul_(1.5)  # policy != reference
+    batch = dm.train_batch(list(range(len(dm.train_windows()[0]))))
+    torch.manual_seed(3)
+    loss, _ = dpo.training_loss(batch)
+    torch.manual_seed(3)
+    states, pairs, _ = dpo._pairs(batch)
+    assert len(pairs) > 0
+    with torch.no_grad():
+        policy = _naive_log_probs(dpo.backbone, batch, states).gather(1, pairs)
+        reference = _naive_log_probs(dpo.reference, batch, states).gather(1, pairs)
+    expected, _, _ = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], dpo.hparams.beta)
+    assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-5)

@@ -165,7 +165,7 @@ def test_bf16_mixed_fit_runs_and_logs_finite_metrics(tiny_config, backbone):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ppo", "dpo"])
+@pytest.mark.parametrize("method", ["ppo", "dpo", "online_dpo"])
 def test_bf16_mixed_fit_of_ppo_and_dpo_logs_finite_losses(tiny_config, method):
     dm = tiny_datamodule(tiny_config.parent)  # the same CSV as the config: the same catalog
     pre = pretrained_checkpoint(dm, tiny_config.parent / "pre.ckpt")

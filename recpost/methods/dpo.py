@@ -11,20 +11,32 @@ where ``margin = (log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))``.
 
 Pairs (``pair_source``):
 
-- ``reward_model``: two distinct items sampled from the reference policy at the state, ranked by the
-  frozen reward model (exact ties skipped): the offline RLHF recipe, where the RM can be hacked;
+- ``reward_model``: two distinct items sampled at the state, ranked by the frozen reward model (exact
+  ties skipped). ``pair_policy`` says which policy samples them: the frozen ``reference`` (the offline
+  RLHF recipe, where the RM can be hacked) or the ``current`` policy at every training step, without
+  gradient and without dropout (online DPO, as Chidambaram et al. (2026) ran it: the pairs follow the
+  policy as it moves, the loss is still taken against the frozen reference);
 - ``logged``: the logged next item and another item the same user rated later in the same window
   (chosen uniformly among those with a different rating and not in the state's history, earlier
   windows included); the higher-rated one is chosen. No reward model; needs ``state_positions: all``.
 
+With ``reward_ensemble`` (K >= 2 RewardModel checkpoints; RS-DPO, the baseline of A-SFT, the predecessor
+paper) the sampled pairs are ranked by the ensemble's mean and kept only where the ensemble separates
+them: with ``m`` the mean and ``s`` the standard deviation over the K models (Bessel-corrected,
+``s = sqrt(sum_k (r_k - m)^2 / (K - 1))``) of each item's predicted rating, a pair is kept when
+``m_chosen - z s_chosen > m_rejected + z s_rejected`` (strictly; ``z = ensemble_filter_z``): the chosen
+item's lower bound above the rejected one's upper bound. ``z = 0`` keeps every pair whose means differ.
+
 Logged per batch (TRL's names and definitions): ``rewards/chosen`` and ``rewards/rejected``
 (``beta * (log pi - log pi_ref)``), ``rewards/margins`` (their difference), ``rewards/accuracies``
 (share of pairs with chosen > rejected), ``logps/chosen``, ``logps/rejected``, and ``pairs/kept``
-(share of states that gave a pair).
+(share of states that gave a pair: a pair, not a tie, and with an ensemble, a separated pair).
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -33,11 +45,13 @@ import torch.nn.functional as F
 from recpost.batch import TrainBatch
 from recpost.errors import RecpostError
 from recpost.methods.checks import in_interval, one_of, positive, require
-from recpost.methods.policy import sample_items
+from recpost.methods.catalog import catalog_logsumexp, sample_from_catalog
 from recpost.methods.policy_base import PolicyModule
+from recpost.models import RatingModel
 
 LossType = Literal["sigmoid", "ipo"]
 PairSource = Literal["reward_model", "logged"]
+PairPolicy = Literal["reference", "current"]
 
 
 def dpo_loss(
@@ -112,6 +126,23 @@ def logged_pairs(
     return chosen, rejected, candidates.any(dim=-1)
 
 
+def ensemble_pairs(two: torch.Tensor, rewards: torch.Tensor, z: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs ranked by the mean of an ensemble of reward models, kept where its bounds separate them.
+
+    ``two [N, 2]`` items per state and their predicted ratings under each of ``K >= 2`` models
+    ``rewards [K, N, 2]``; with ``m`` and ``s`` their mean and Bessel-corrected standard deviation over the
+    models, the item with the larger ``m`` is chosen and the pair kept when
+    ``m_chosen - z s_chosen > m_rejected + z s_rejected``. Equal means are never kept. Returns
+    ``(pairs [N, 2] (chosen, rejected), keep [N] bool)``.
+    """
+    mean, std = rewards.mean(dim=0), rewards.std(dim=0, correction=1)  # [N, 2]
+    first = mean[:, 0] > mean[:, 1]  # [N]
+    order = torch.stack([(~first).long(), first.long()], dim=1)  # [N, 2]: column of (chosen, rejected)
+    pairs, mean, std = two.gather(1, order), mean.gather(1, order), std.gather(1, order)
+    keep = mean[:, 0] - z * std[:, 0] > mean[:, 1] + z * std[:, 1]
+    return pairs, keep
+
+
 class DPO(PolicyModule):
     """Direct preference optimisation of the next-item policy on item pairs.
 
@@ -119,17 +150,25 @@ class DPO(PolicyModule):
         beta: inverse temperature of the implicit reward (TRL's default 0.1); > 0.
         loss_type: ``sigmoid`` (DPO) or ``ipo``.
         label_smoothing: cDPO's assumed share of flipped labels, in [0, 0.5) (sigmoid only).
-        pair_source: ``reward_model`` (two reference samples ranked by the RM) or ``logged`` ratings.
+        pair_source: ``reward_model`` (two sampled items ranked by the RM) or ``logged`` ratings.
+        pair_policy: which policy samples the RM's pairs: the frozen ``reference`` or the ``current``
+            policy at each step (online DPO; ``configs/method/online_dpo.yaml``).
+        reward_ensemble: K >= 2 RewardModel checkpoints (e.g. seeds) that rank the sampled pairs by their
+            mean and keep only the pairs they separate (RS-DPO; ``configs/method/rs_dpo.yaml``); then
+            ``reward_model`` is optional (it only adds ``rm_reward@10`` to the evaluation).
+        ensemble_filter_z: the width of the ensemble's bounds, ``mean +- z * std``, in standard deviations
+            over the K models; >= 0 (0: rank by the mean, keep every pair whose means differ).
         **kwargs: the shared settings of ``PolicyModule`` (``reward_model``: required for
-            ``pair_source: reward_model``, optional otherwise (then it only adds ``rm_reward@10`` to the
-            evaluation); state_positions, disable_dropout) and ``RecModule`` (backbone, lr, init_from, ...).
+            ``pair_source: reward_model`` without a ``reward_ensemble``, optional otherwise (then it only adds
+            ``rm_reward@10`` to the evaluation); state_positions, disable_dropout) and ``RecModule``
+            (backbone, lr, init_from, ...).
     """
 
     divergence_hint = "lower model.lr or raise model.beta"
 
     @classmethod
     def needs_reward_model(cls, init_args) -> bool:
-        return init_args.get("pair_source", "reward_model") == "reward_model"
+        return init_args.get("pair_source", "reward_model") == "reward_model" and not init_args.get("reward_ensemble")
 
     @classmethod
     def check_settings(cls, **settings) -> None:
@@ -138,9 +177,28 @@ class DPO(PolicyModule):
         one_of("loss_type", s["loss_type"], get_args(LossType))
         in_interval("label_smoothing", s["label_smoothing"], 0.0, 0.5)
         one_of("pair_source", s["pair_source"], get_args(PairSource))
-        require(s["pair_source"] != "reward_model" or bool(s["reward_model"]),
+        one_of("pair_policy", s["pair_policy"], get_args(PairPolicy))
+        in_interval("ensemble_filter_z", s["ensemble_filter_z"], 0.0, math.inf, "e.g. 1.0 (one standard deviation)")
+        ensemble = s["reward_ensemble"]
+        require(ensemble is None or isinstance(ensemble, (list, tuple)),
+                f"model.reward_ensemble must be a list of RewardModel checkpoints (got {ensemble!r}); "
+                "e.g. --model.init_args.reward_ensemble '[rm0.ckpt, rm1.ckpt, rm2.ckpt]'")
+        require(not ensemble or len(ensemble) >= 2,
+                f"model.reward_ensemble needs at least 2 RewardModel checkpoints (got {len(ensemble or [])}); "
+                "train reward models with different seeds, or use model.reward_model alone")
+        paths = [Path(str(p)).expanduser().resolve() for p in ensemble or []]
+        twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+        require(twice is None, f"model.reward_ensemble lists {twice} twice; its models must be trained independently "
+                               "(different seeds or data), or their spread means nothing")
+        require(s["pair_source"] != "reward_model" or bool(s["reward_model"]) or bool(ensemble),
                 "DPO with pair_source: reward_model needs model.reward_model (the best.ckpt of `recpost fit "
-                "--config <pretrain.yaml> --config configs/method/reward_model.yaml`), or use pair_source: logged")
+                "--config <pretrain.yaml> --config configs/method/reward_model.yaml`) or model.reward_ensemble, "
+                "or use pair_source: logged")
+        require(s["pair_source"] == "reward_model" or s["pair_policy"] == "reference",
+                "DPO with pair_policy: current needs pair_source: reward_model (logged pairs are not sampled)")
+        require(s["pair_source"] == "reward_model" or not ensemble,
+                "DPO with model.reward_ensemble needs pair_source: reward_model (the ensemble ranks and filters "
+                "sampled pairs; logged pairs are ranked by their ratings)")
         require(s["pair_source"] != "logged" or s["state_positions"] == "all",
                 "DPO with pair_source: logged needs state_positions: all (the last position has no later item)")
         super().check_settings(**settings)
@@ -152,15 +210,53 @@ class DPO(PolicyModule):
         loss_type: LossType = "sigmoid",
         label_smoothing: float = 0.0,
         pair_source: PairSource = "reward_model",
+        pair_policy: PairPolicy = "reference",
+        reward_ensemble: list[str] | None = None,
+        ensemble_filter_z: float = 1.0,
         **kwargs,
     ) -> None:
         self.check_settings_once(dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                                      pair_source=pair_source, **kwargs))
+                                      pair_source=pair_source, pair_policy=pair_policy, reward_ensemble=reward_ensemble,
+                                      ensemble_filter_z=ensemble_filter_z, **kwargs))
         super().__init__(*args, **kwargs)
+        # Held like reward_model (frozen, outside the module tree, rebuilt from their checkpoints).
+        for k, path in enumerate(reward_ensemble or []):
+            self.hold_frozen(f"reward_ensemble.{k}", self.load_reward_model(path, f"model.reward_ensemble[{k}]"))
+
+    @property
+    def reward_ensemble(self) -> list[RatingModel]:
+        """The frozen reward models of ``reward_ensemble`` (empty without one)."""
+        return [self._frozen[f"reward_ensemble.{k}"] for k in range(len(self.hparams.reward_ensemble or []))]
+
+    def _sample_two(self, batch: TrainBatch, states: torch.Tensor, reference_hidden: torch.Tensor,
+                    history: torch.Tensor | None) -> torch.Tensor:
+        """Two distinct items per state ``[N, 2]`` from the ``pair_policy``: the reference (its hidden vectors
+        ``reference_hidden [N, d]`` are already computed) or the current policy, without dropout."""
+        if self.hparams.pair_policy == "reference":
+            scorer, hidden = self.scorer(reference=True), reference_hidden
+        else:
+            with self.dropout_off():
+                hidden, _ = self.state_hidden(batch, states)  # [N, d]
+            scorer = self.scorer()
+        return sample_from_catalog(scorer, hidden, history, self.n_columns, self.chunk_size, k=2, replacement=False)
+
+    def _rank(self, batch: TrainBatch, states: torch.Tensor, two: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pairs [N, 2] (chosen, rejected), keep [N] bool)`` of the sampled ``two [N, 2]``: by the reward
+        model (exact ties carry no preference) or by the ensemble's filter (:func:`ensemble_pairs`)."""
+        ensemble = self.reward_ensemble
+        if ensemble:
+            timestamps = batch.get("input_timestamps")
+            rewards = torch.stack([rm.rewards_at(batch["input_items"], batch["input_ratings"], states, two, timestamps)
+                                   for rm in ensemble])  # [K, N, 2]
+            return ensemble_pairs(two, rewards.float(), self.hparams.ensemble_filter_z)
+        rewards = self.rewards(batch, states, two)  # [N, 2]
+        return torch.where((rewards[:, 0] > rewards[:, 1])[:, None], two, two.flip(1)), rewards[:, 0] != rewards[:, 1]
 
     @torch.no_grad()
     def _pairs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(states [B, L] with a pair, chosen [P], rejected [P])``, pairs in row-major state order."""
+        """``(states [B, L] with a pair, pairs [P, 2] (chosen, rejected), their reference log-probs [P, 2])``,
+        pairs in row-major state order. One reference pass serves both the sampling of reference pairs and
+        the reference term of the loss; the catalog is scored ``score_chunk_size`` items at a time."""
         hp = self.hparams
         states = self.states(batch)
         if hp.pair_source == "logged":
@@ -168,31 +264,34 @@ class DPO(PolicyModule):
             chosen, rejected, valid = logged_pairs(batch["next_items"], batch["next_ratings"], states,
                                                    seen_at if hp.mask_history else None)
             states = states & valid
-            return states, chosen[states], rejected[states]
-        ref, _ = self.log_probs(batch, states, reference=True)  # [N, V + 1]
-        two = sample_items(ref, 2, replacement=False)  # [N, 2]
-        rewards = self.rewards(batch, states, two)  # [N, 2]
-        keep = rewards[:, 0] != rewards[:, 1]  # exact ties carry no preference
-        first = rewards[:, 0] > rewards[:, 1]
-        chosen, rejected = torch.where(first, two[:, 0], two[:, 1]), torch.where(first, two[:, 1], two[:, 0])
-        kept = torch.zeros_like(states)
-        kept[states] = keep
-        return kept, chosen[keep], rejected[keep]
+            pairs = torch.stack([chosen[states], rejected[states]], dim=1)  # [P, 2]
+            hidden, history = self.state_hidden(batch, states, reference=True)  # [P, d]
+        else:
+            hidden, history = self.state_hidden(batch, states, reference=True)  # [N, d]
+            two = self._sample_two(batch, states, hidden, history)  # [N, 2]
+            pairs, keep = self._rank(batch, states, two)  # [N, 2], [N]
+            pairs = pairs[keep]  # [P, 2]
+            kept = torch.zeros_like(states)
+            kept[states] = keep
+            states, hidden, history = kept, hidden[keep], history[keep] if history is not None else None
+        lse = catalog_logsumexp(self.scorer(reference=True), hidden, history, self.n_columns, self.chunk_size)
+        return states, pairs, self.reference.score(hidden, pairs) - lse[:, None]
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
         n_states = int(self.states(batch).sum())
-        states, chosen, rejected = self._pairs(batch)
-        logp, _ = self.log_probs(batch, states)  # [P, V + 1]
+        states, pair, reference = self._pairs(batch)  # [B, L], [P, 2], [P, 2]
+        hidden, history = self.state_hidden(batch, states)  # [P, d]
+        # The margins need only the two items' logits: each state's log-normaliser cancels in
+        # (log pi(c) - log pi(r)). It is computed without gradient, for the log-probs TRL logs.
         with torch.no_grad():
-            ref, _ = self.log_probs(batch, states, reference=True)
-        pair = torch.stack([chosen, rejected], dim=1)  # [P, 2]
-        policy, reference = logp.gather(1, pair), ref.gather(1, pair)  # [P, 2]
+            lse = catalog_logsumexp(self.scorer(), hidden, history, self.n_columns, self.chunk_size)  # [P]
+        policy = self.backbone.score(hidden, pair) - lse[:, None]  # [P, 2]
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], hp.beta, hp.loss_type, hp.label_smoothing
         )
         # No pair in this batch (tiny data): a zero loss that still reaches every parameter (DDP needs it).
-        loss = losses.mean() if len(losses) else logp.sum() * 0.0
+        loss = losses.mean() if len(losses) else sum(p.sum() for p in self.backbone.parameters()) * 0.0
         logs = {"pairs/kept": torch.tensor(len(losses) / max(n_states, 1))}
         if len(losses):
             logs.update({
