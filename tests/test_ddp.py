@@ -3,13 +3,13 @@ equals one process's exactly.
 
 101 users over 2 ranks: Lightning's sampler pads one shard with a repeated user, which the metrics
 must not count twice. The runs form the real chain: SFT from scratch, the reward model from SFT,
-then ExpSFT, PPO, DPO and online DPO from SFT with that reward model, each fitted with ``--trainer.strategy ddp``,
-once with SASRec and once with HSTU (the backbone set in the tiny config).
+then ExpSFT, LinearSFT, A-SFT, PPO, DPO and online DPO from SFT with that reward model, each fitted
+with ``--trainer.strategy ddp``, once with SASRec and once with HSTU (the backbone set in the tiny config).
 
 Every launch pays seconds of imports per process, so each stage of the chain runs as one launch
-(``python -m tests.test_ddp fit|test1|test2 <folder>``, the CLI's own ``run_lightning_cli``): the six
-DDP fits one after the other, the six one-process reference tests, and the six two-process tests
-in one DDP launch. Test and validation share the evaluation code; test also writes the per-user rows.
+(``python -m tests.test_ddp fit|test1|test2 <folder>``, the CLI's own ``run_lightning_cli``): the
+DDP fits one after the other, the one-process reference tests, and the two-process tests in one DDP
+launch. Test and validation share the evaluation code; test also writes the per-user rows.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ EXPECTED = {
     "sft": ("val/eval_rm_reward@10",),
     "reward_model": ("val/rmse", "val/mae", "val/rmse_global_mean", "val/rmse_item_mean", "val/rmse_user_mean"),
     "exp_sft": ("val/eval_rm_reward@10",),
+    "linear_sft": (),
+    "asft": ("val/rm_reward@10",),  # its weights' batch mean is gathered over the ranks
     "ppo": ("val/rm_reward@10",),
     "dpo": ("val/rm_reward@10",),
     "online_dpo": ("val/rm_reward@10",),  # DPO on pairs each rank samples from its current policy
@@ -49,7 +51,7 @@ def method_args(folder: Path, method: str) -> list[str]:
     if method != "sft":
         args += ["--config", str(METHOD_CONFIGS / f"{method}.yaml"),
                  "--model.init_args.init_from", str(best_checkpoint(folder, "sft"))]
-    if method in ("ppo", "dpo", "online_dpo"):
+    if method in ("ppo", "dpo", "online_dpo", "asft"):
         args += ["--model.init_args.reward_model", str(best_checkpoint(folder, "reward_model"))]
     return args
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recpost.data import RecDataModule, Table
-from recpost.methods import DPO, PPO, SFT, ExpSFT, RewardModel
+from recpost.methods import ASFT, DPO, PPO, SFT, ExpSFT, LinearSFT, RewardModel
 from recpost.methods.losses import exp_weighted_cross_entropy
 from recpost.methods.policy import exact_kl, state_log_probs, state_positions
 from recpost.models import BackboneConfig
@@ -138,7 +138,8 @@ def test_every_method_on_hstu_keeps_losses_and_scores_fp32_under_cpu_autocast(tm
     rm = reward_model_checkpoint(dm, tmp_path / "rm.ckpt", backbone=hstu)
     post = {"backbone": hstu, "init_from": str(pre)}
     batch, eval_batch = dm.train_batch(list(range(32))), dm.eval_batch(list(range(8)), "val")
-    modules = [build(SFT, dm, **post), build(ExpSFT, dm, lam=0.5, **post), build(RewardModel, dm, **post),
+    modules = [build(SFT, dm, **post), build(ExpSFT, dm, lam=0.5, **post), build(LinearSFT, dm, **post),
+               build(ASFT, dm, reward_model=str(rm), lam=0.5, **post), build(RewardModel, dm, **post),
                build(DPO, dm, reward_model=str(rm), **post)]
     with _bf16():
         for module in modules:

@@ -27,12 +27,14 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from recpost.batch import EvalBatch, TrainBatch
+from recpost.data.arrays import IndexDataset, gather_left_padded
 from recpost.data.interactions import Interactions, PreprocessOptions, build_cache, load_cache
 from recpost.data.sampling import LengthGroupedSampler
 from recpost.data.sources import Source
+from recpost.data.validation import check_options
 from recpost.errors import RecpostError
 
 log = logging.getLogger(__name__)
@@ -55,27 +57,6 @@ class TrainingInteractions:
     weight: np.ndarray  # [N] float64
 
 
-class _IndexDataset(Dataset):
-    """A dataset of row indices; the collate function turns a list of them into one batch."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-def _gather_left_padded(values: np.ndarray, start: np.ndarray, end: np.ndarray, width: int, fill=0) -> np.ndarray:
-    """``values[start:end]`` per row, right-aligned in a ``[B, width]`` array (the last ``width`` kept)."""
-    idx = end[:, None] - width + np.arange(width)[None, :]  # [B, W]
-    valid = idx >= np.maximum(start, end - width)[:, None]
-    out = values[np.clip(idx, 0, len(values) - 1)]
-    return np.where(valid, out, fill)
-
-
 class RecDataModule(L.LightningDataModule):
     """Data for training and evaluating sequential recommenders.
 
@@ -96,9 +77,14 @@ class RecDataModule(L.LightningDataModule):
             ``centered`` (rating minus the training mean) or ``minmax`` (mapped to [0, 1] over the
             source's rating range). Exp-weighted SFT's ``lam`` is on this scale.
         liked_threshold: targets with rating >= this count as liked (``*_liked`` metrics).
+        eval_min_rating: evaluate only the users whose held-out target is rated >= this (the paper's
+            protocol: 4.5): validation keeps the users whose validation target qualifies, test those whose
+            test target does; histories, full-catalog ranking and masking are unchanged, and ``n_users`` in
+            the metrics counts who is left (also logged at setup). ``null``: every user. The metrics over
+            all targets are the same run's test without it (``--data.eval_min_rating null``).
         train_users: ``all`` users' training windows, or a ``bootstrap`` resample of the users (drawn with
-            replacement; a user drawn twice has their windows twice per epoch). Evaluation always uses
-            every user. The experiment's evaluator reward model trains on a bootstrap resample, so its
+            replacement; a user drawn twice has their windows twice per epoch). Evaluation uses every
+            user (or those ``eval_min_rating`` keeps). The experiment's evaluator reward model trains on a bootstrap resample, so its
             errors are not a copy of the training reward model's.
         train_users_seed: seed of the bootstrap resample.
         length_grouping: batches of training windows of similar length (``data/sampling.py``), so an
@@ -120,6 +106,7 @@ class RecDataModule(L.LightningDataModule):
         keep_repeats: bool = False,
         reward_transform: Literal["identity", "centered", "minmax"] = "identity",
         liked_threshold: float = 4.0,
+        eval_min_rating: float | None = None,
         train_users: Literal["all", "bootstrap"] = "all",
         train_users_seed: int = 0,
         length_grouping: int = 0,
@@ -127,22 +114,10 @@ class RecDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if max_len < 2:
-            raise RecpostError(f"data.max_len must be >= 2 (got {max_len}): a model needs at least one past item and one target")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise RecpostError("data.batch_size and data.eval_batch_size must be >= 1")
-        if min_interactions < 0:
-            raise RecpostError(f"data.min_interactions must be >= 0 (got {min_interactions})")
-        if duplicates not in ("drop", "error"):
-            raise RecpostError(f"data.duplicates must be 'drop' or 'error' (got {duplicates!r})")
-        if reward_transform not in ("identity", "centered", "minmax"):
-            raise RecpostError(
-                f"data.reward_transform must be 'identity', 'centered' or 'minmax' (got {reward_transform!r})"
-            )
-        if length_grouping < 0:
-            raise RecpostError(f"data.length_grouping must be >= 0 batches per pool (got {length_grouping}); 0 turns it off")
-        if train_users not in ("all", "bootstrap"):
-            raise RecpostError(f"data.train_users must be 'all' or 'bootstrap' (got {train_users!r})")
+        check_options(max_len=max_len, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                      min_interactions=min_interactions, duplicates=duplicates, reward_transform=reward_transform,
+                      length_grouping=length_grouping, train_users=train_users, eval_min_rating=eval_min_rating,
+                      rating_range=source.rating_range)
         self.source = source
         self.max_len = max_len
         self.batch_size = batch_size
@@ -150,6 +125,7 @@ class RecDataModule(L.LightningDataModule):
         self.options = PreprocessOptions(min_interactions=min_interactions, duplicates=duplicates, keep_repeats=keep_repeats)
         self.reward_transform = reward_transform
         self.liked_threshold = liked_threshold
+        self.eval_min_rating = eval_min_rating
         self.train_users = train_users
         self.train_users_seed = train_users_seed
         self.length_grouping = length_grouping
@@ -215,8 +191,25 @@ class RecDataModule(L.LightningDataModule):
             "%s: %d users, %d items, %d interactions (dropped %d short users)",
             self.source.name, data.n_users, data.n_items, len(data.item), stats.get("dropped_short_users", 0),
         )
+        if self.eval_min_rating is not None:
+            counts = {split: len(self.eval_users(split)) for split in ("test", "val")}
+            log.info("eval_min_rating %g: %s of %s test users, %s of %s validation users", self.eval_min_rating,
+                     f"{counts['test']:,}", f"{data.n_users:,}", f"{counts['val']:,}", f"{data.n_users:,}")
 
     # ----------------------------------------------------------------------------------- rewards
+    @property
+    def rating_range(self) -> tuple[float, float]:
+        """The lowest and highest rating the source allows (its rating scale)."""
+        lo, hi = self.source.rating_range
+        return float(lo), float(hi)
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        """The rewards of the lowest and highest rating under ``reward_transform`` (identity on 1..5 stars:
+        ``(1, 5)``; minmax: ``(0, 1)``): the bound of ``weight_norm: fixed`` in the weighted SFT methods."""
+        lo, hi = self.rewards(np.asarray(self.rating_range, dtype=np.float64))
+        return float(lo), float(hi)
+
     def rewards(self, rating: np.ndarray) -> np.ndarray:
         """Observed reward of a rating under ``reward_transform``."""
         if self.reward_transform == "identity":
@@ -313,15 +306,15 @@ class RecDataModule(L.LightningDataModule):
         idx = np.asarray(windows, dtype=np.int64)
         s, e = w_start[idx], w_end[idx]
         width = int((e - s).max())  # items incl. the last target; inputs are width - 1
-        items = _gather_left_padded(d.item, s, e, width)  # [B, W]
-        ratings = _gather_left_padded(d.rating, s, e, width, fill=0.0).astype(np.float32)
-        timestamps = _gather_left_padded(d.timestamp, s, e, width)  # [B, W]
+        items = gather_left_padded(d.item, s, e, width)  # [B, W]
+        ratings = gather_left_padded(d.rating, s, e, width, fill=0.0).astype(np.float32)
+        timestamps = gather_left_padded(d.timestamp, s, e, width)  # [B, W]
         inputs, targets = items[:, :-1], items[:, 1:]
         targets = np.where(inputs > 0, targets, 0)  # the first item of a window is input only
         target_ratings = np.where(targets > 0, ratings[:, 1:], 0.0)
         rewards = np.where(targets > 0, self.rewards(target_ratings), 0.0)  # no reward without a target
         user_start = d.offsets[np.searchsorted(d.offsets, s, side="right") - 1]  # [B]
-        earlier = _gather_left_padded(d.item, user_start, s, max(1, int((s - user_start).max())))  # [B, H]
+        earlier = gather_left_padded(d.item, user_start, s, max(1, int((s - user_start).max())))  # [B, H]
         return {
             "input_items": torch.from_numpy(inputs),
             "input_ratings": torch.from_numpy(np.ascontiguousarray(ratings[:, :-1])),
@@ -339,7 +332,7 @@ class RecDataModule(L.LightningDataModule):
         if self.length_grouping:
             order = {"sampler": LengthGroupedSampler(w_end - w_start, self.batch_size, self.length_grouping)}
         return DataLoader(
-            _IndexDataset(len(w_start)), batch_size=self.batch_size, collate_fn=self.train_batch,
+            IndexDataset(len(w_start)), batch_size=self.batch_size, collate_fn=self.train_batch,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **order,
         )
 
@@ -353,13 +346,13 @@ class RecDataModule(L.LightningDataModule):
         width = int(min(self.max_len, (hist_end - start).max()))
         batch = {
             "user_index": torch.from_numpy(u),
-            "input_items": torch.from_numpy(_gather_left_padded(d.item, start, hist_end, width)),
+            "input_items": torch.from_numpy(gather_left_padded(d.item, start, hist_end, width)),
             "input_ratings": torch.from_numpy(
-                _gather_left_padded(d.rating, start, hist_end, width, fill=0.0).astype(np.float32)
+                gather_left_padded(d.rating, start, hist_end, width, fill=0.0).astype(np.float32)
             ),
-            "input_timestamps": torch.from_numpy(_gather_left_padded(d.timestamp, start, hist_end, width)),
+            "input_timestamps": torch.from_numpy(gather_left_padded(d.timestamp, start, hist_end, width)),
             "history_items": torch.from_numpy(
-                _gather_left_padded(d.item, start, hist_end, int((hist_end - start).max()))
+                gather_left_padded(d.item, start, hist_end, int((hist_end - start).max()))
             ),
         }
         if split != "predict":
@@ -371,9 +364,21 @@ class RecDataModule(L.LightningDataModule):
             )
         return batch
 
+    def eval_users(self, split: Literal["val", "test", "predict"]) -> np.ndarray:
+        """The users (rows) that ``split`` evaluates: every user, or with ``eval_min_rating`` those whose
+        held-out target of that split is rated at least that (prediction: every user)."""
+        d = self.data
+        if self.eval_min_rating is None or split == "predict":
+            return np.arange(d.n_users)
+        users = np.flatnonzero(d.rating[d.offsets[1:] - HELD_OUT[split]] >= self.eval_min_rating)
+        if len(users) == 0:
+            raise RecpostError(f"data.eval_min_rating {self.eval_min_rating:g} leaves no user to evaluate: no {split} "
+                               f"target is rated >= {self.eval_min_rating:g}; lower it, or null to evaluate every user")
+        return users
+
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
-            _IndexDataset(self.data.n_users), batch_size=self.eval_batch_size, shuffle=False,
+            IndexDataset(self.eval_users(split)), batch_size=self.eval_batch_size, shuffle=False,
             collate_fn=partial(self.eval_batch, split=split), num_workers=self.num_workers,
         )
 
@@ -391,3 +396,4 @@ class RecDataModule(L.LightningDataModule):
         """Map internal item ids (1..n_items) back to the source's ids."""
         col = self.data.item_ids.data.table.column("item_id")
         return col.take(np.asarray(internal).ravel() - 1).to_pylist()
+

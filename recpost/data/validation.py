@@ -91,3 +91,32 @@ def _first_non_numeric(values: pa.ChunkedArray) -> str:
             except (TypeError, ValueError):
                 return v
     return "?"
+
+
+def check_options(
+    *, max_len: int, batch_size: int, eval_batch_size: int, min_interactions: int, duplicates: str,
+    reward_transform: str, length_grouping: int, train_users: str, eval_min_rating: float | None,
+    rating_range: tuple[float, float],
+) -> None:
+    """The ``RecDataModule``'s options (``data.*``): one ``RecpostError`` line for the first bad one."""
+    if max_len < 2:
+        raise RecpostError(f"data.max_len must be >= 2 (got {max_len}): a model needs at least one past item and one target")
+    if batch_size < 1 or eval_batch_size < 1:
+        raise RecpostError("data.batch_size and data.eval_batch_size must be >= 1")
+    if min_interactions < 0:
+        raise RecpostError(f"data.min_interactions must be >= 0 (got {min_interactions})")
+    if duplicates not in ("drop", "error"):
+        raise RecpostError(f"data.duplicates must be 'drop' or 'error' (got {duplicates!r})")
+    if reward_transform not in ("identity", "centered", "minmax"):
+        raise RecpostError(f"data.reward_transform must be 'identity', 'centered' or 'minmax' (got {reward_transform!r})")
+    if length_grouping < 0:
+        raise RecpostError(f"data.length_grouping must be >= 0 batches per pool (got {length_grouping}); 0 turns it off")
+    if train_users not in ("all", "bootstrap"):
+        raise RecpostError(f"data.train_users must be 'all' or 'bootstrap' (got {train_users!r})")
+    lo, hi = rating_range
+    number = isinstance(eval_min_rating, (int, float)) and not isinstance(eval_min_rating, bool)
+    if eval_min_rating is not None and not (number and eval_min_rating <= hi):  # NaN fails too
+        raise RecpostError(
+            f"data.eval_min_rating must be a rating on the source's scale, at most {hi:g} (got {eval_min_rating!r}): no "
+            f"held-out target is rated above {hi:g}; the paper uses 4.5 on {lo:g}..{hi:g} stars, null evaluates every user"
+        )

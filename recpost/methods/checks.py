@@ -27,6 +27,12 @@ def positive(name: str, value: Any, hint: str = "") -> None:
         _fail(name, "> 0", value, hint)
 
 
+def finite(name: str, value: Any, hint: str = "") -> None:
+    """A finite number."""
+    if not (_number(value) and math.isfinite(value)):
+        _fail(name, "a finite number", value, hint)
+
+
 def finite_positive(name: str, value: Any, hint: str = "") -> None:
     """``0 < value < inf``."""
     if not (_number(value) and 0 < value < math.inf):

@@ -15,20 +15,22 @@ from __future__ import annotations
 import torch
 
 from recpost.batch import TrainBatch
-from recpost.methods.checks import finite_positive, one_of, optional, positive
-from recpost.methods.losses import WEIGHT_NORMS, WeightNorm, effective_sample_size, exp_weighted_loss
-from recpost.methods.next_item import NextItemModule
+from recpost.methods.checks import finite, finite_positive, optional
+from recpost.methods.losses import check_finite_rewards, exp_reward_weights
+from recpost.methods.weighted import RewardWeightedModule
 
 
-class ExpSFT(NextItemModule):
+class ExpSFT(RewardWeightedModule):
     """Cross-entropy of the logged next item weighted by ``exp(reward / lam)``.
 
     Args:
         lam: temperature lambda > 0 (on the reward scale; see the module docstring).
-        weight_norm: ``batch_mean`` (weights divided by their batch mean; default, stable for any
-            ``lam``) or ``none`` (the raw weights).
-        max_weight: clip weights (after normalisation) at this value; ``null`` = no clip.
-        **kwargs: the shared settings of ``NextItemModule`` (softmax: full | sampled, ...) and ``RecModule``
+        reward_max: the largest possible reward, for ``weight_norm: fixed`` (weights
+            ``exp((r - reward_max) / lam)``, in (0, 1]); ``null``: the top of the data's rating scale under
+            ``data.reward_transform`` (5 with identity on 1..5 stars, 1 with minmax), read at the start of fit.
+        **kwargs: ``weight_norm`` (``batch_mean``: over the global batch mean, default; ``none``: raw
+            ``exp(r / lam)``, the paper's Algorithm 1; ``fixed``), ``max_weight`` (``RewardWeightedModule``),
+            the shared settings of ``NextItemModule`` (softmax: full | sampled, ...) and ``RecModule``
             (backbone, lr, init_from, ...). With a sampled softmax the weights multiply each target's
             sampled cross-entropy, so ``lam -> inf`` is SFT with the same sampled softmax.
     """
@@ -37,30 +39,16 @@ class ExpSFT(NextItemModule):
     def check_settings(cls, **settings) -> None:
         s = {**cls.setting_defaults(), **settings}
         finite_positive("lam", s["lam"], "try 0.25-4 on 1..5-star rewards")
-        one_of("weight_norm", s["weight_norm"], WEIGHT_NORMS)
-        optional(positive, "max_weight", s["max_weight"])
+        optional(finite, "reward_max", s["reward_max"], hint="null reads it from the data's rating scale")
         super().check_settings(**settings)
 
-    def __init__(
-        self,
-        *args,
-        lam: float = 1.0,
-        weight_norm: WeightNorm = "batch_mean",
-        max_weight: float | None = None,
-        **kwargs,
-    ) -> None:
-        self.check_settings_once(dict(lam=lam, weight_norm=weight_norm, max_weight=max_weight, **kwargs))
+    def __init__(self, *args, lam: float = 1.0, reward_max: float | None = None, **kwargs) -> None:
+        self.check_settings_once(dict(lam=lam, reward_max=reward_max, **kwargs))
         super().__init__(*args, **kwargs)
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce, rewards = self.next_item_cross_entropy(batch)  # [N], [N]
-        loss, weights = exp_weighted_loss(ce, rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight)
-        with torch.no_grad():
-            weighted = weights * ce
-            logs = {
-                "weight_min": weights.min(), "weight_mean": weights.mean(), "weight_max": weights.max(),
-                "ess": effective_sample_size(weights), "ce": ce.mean(),
-            }
-            liked = batch["next_liked"][batch["next_items"] > 0]  # [N]
-            logs["liked_loss_share"] = weighted[liked].sum() / weighted.sum().clamp_min(1e-12)
-        return loss, logs
+        check_finite_rewards(rewards)
+        weights = exp_reward_weights(rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight,
+                                     self.weight_bound, self.gather)  # [N]
+        return self.weighted_loss(ce, weights, batch)

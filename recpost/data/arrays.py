@@ -1,0 +1,29 @@
+"""The vectorised pieces batches are built from: a dataset of row indices (the collate function gathers
+a whole batch at once) and a left-padded gather of variable-length slices."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Dataset
+
+
+class IndexDataset(Dataset):
+    """A dataset of row indices (``0..rows - 1``, or the given rows); the collate function turns a list of
+    them into one batch."""
+
+    def __init__(self, rows: int | np.ndarray) -> None:
+        self.rows = np.arange(rows) if isinstance(rows, int) else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.rows[i])
+
+
+def gather_left_padded(values: np.ndarray, start: np.ndarray, end: np.ndarray, width: int, fill=0) -> np.ndarray:
+    """``values[start:end]`` per row, right-aligned in a ``[B, width]`` array (the last ``width`` kept)."""
+    idx = end[:, None] - width + np.arange(width)[None, :]  # [B, W]
+    valid = idx >= np.maximum(start, end - width)[:, None]
+    out = values[np.clip(idx, 0, len(values) - 1)]
+    return np.where(valid, out, fill)
