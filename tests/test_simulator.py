@@ -281,6 +281,13 @@ def test_bandit_rejects_a_non_positive_lambda(bandit):
     ({"n_items": 30, "max_seq_len": 40}, "longer than the catalog"),
     ({"candidates": 20, "max_seq_len": 30}, "longer than the candidates per user"),
     ({"candidates": 0}, "candidates must be between 1 and n_items"),
+    ({"exposure_concentration": -0.5}, "exposure_concentration must be >= 0"),
+    ({"feedback_rate": 0.0}, "feedback_rate must be in"),
+    ({"feedback_rate": 1.5}, "feedback_rate must be in"),
+    ({"satiation": -1.0}, "satiation must be >= 0"),
+    ({"satiation_window": 0}, "satiation_window must be a positive integer"),
+    ({"rarity_from": "views"}, "rarity_from must be 'popularity' or 'exposure'"),
+    ({"taste_interaction": 1.0, "latent_dim": 1}, "taste_interaction needs latent_dim >= 2"),
 ], ids=lambda v: str(v) if isinstance(v, dict) else "")
 def test_bad_simulator_settings_fail_with_one_clear_line(knobs, message):
     with pytest.raises(RecpostError, match=message) as exc:
@@ -331,9 +338,13 @@ def test_fingerprint_is_the_flat_cache_key_of_before_world_config():
         "promotion_weight", "behavior_temperature", "slate_size", "slate_boost", "candidates", "noise_std",
         "heteroscedasticity", "round_to_stars", "seed",
     ]
+    # Written out, not derived from WorldConfig: settings added later must not enter an earlier world's key.
     assert fingerprint == {
-        "source": "simulator", "version": 1, "min_seq_len": 5, "max_seq_len": 12,
-        **dataclasses.asdict(WorldConfig(n_users=120, n_items=80, candidates=40, noise_std=0.25, seed=1)),
+        "source": "simulator", "version": 1, "n_users": 120, "n_items": 80, "min_seq_len": 5, "max_seq_len": 12,
+        "latent_dim": 8, "reward_scale": 1.5, "quality_mean": 0.0, "quality_std": 1.25, "popularity_weight": 0.2,
+        "taste_weight": 0.4, "sequential_weight": 0.2, "promotion_weight": 0.2, "behavior_temperature": 0.3,
+        "slate_size": 10, "slate_boost": 5.0, "candidates": 40, "noise_std": 0.25, "heteroscedasticity": 0.0,
+        "round_to_stars": True, "seed": 1,
     }
 
 

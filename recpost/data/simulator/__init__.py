@@ -11,7 +11,11 @@ paper's theory talks about can be computed exactly:
   items), with the items of the history excluded. It never sees item quality, and the popularity and
   pressure terms make users consume items they do not like, so ``pi_beta`` is improvable;
 - the **observed rating** is ``r*`` plus noise (optionally heavier for rare items), optionally
-  rounded to stars, clipped to 1..5. Methods train on observed ratings; ``r*`` is for evaluation.
+  rounded to stars, clipped to 1..5. Methods train on observed ratings; ``r*`` is for evaluation;
+- knobs that make a learned reward model unreliable the way real ones are, all off by default:
+  ``exposure_concentration`` (a rarely shown long tail), heteroscedastic noise by exposure
+  (``rarity_from``), sparse feedback (``feedback_rate``), a placebo (``shuffle_ratings``) and terms of
+  ``r*`` a bilinear model fits badly (``taste_interaction``, ``satiation``); see ``WorldConfig``.
 
 Three entry points:
 

@@ -57,7 +57,7 @@ class BanditWorld:
         self.history = self.world.sample_sequences(users, torch.full((n_contexts,), history_len), block=0)  # [C, h]
         self.log_pi_beta = torch.log_softmax(self.world.behavior_logits(users, self.history), dim=-1)  # [C, A]
         self.pi_beta = self.log_pi_beta.exp()
-        self.true_reward = self.world.true_reward(users)  # [C, A]
+        self.true_reward = self.world.true_reward(users, history=self.history)  # [C, A]
 
     @property
     def n_contexts(self) -> int:

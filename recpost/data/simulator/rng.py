@@ -12,7 +12,7 @@ import torch
 _MERSENNE = 2_147_483_647  # 2^31 - 1: residues times 31-bit constants stay below 2^62 (no overflow)
 _HASH_MULT = 0x45D9F3B
 TAG_SLATE, TAG_POOL = 1, 2  # hash streams
-STREAM_WORLD, STREAM_LENGTHS, STREAM_CHOICES, STREAM_NOISE = 0, 1, 2, 3
+STREAM_WORLD, STREAM_LENGTHS, STREAM_CHOICES, STREAM_NOISE, STREAM_FEEDBACK, STREAM_SHUFFLE = 0, 1, 2, 3, 4, 5
 
 
 def _mix(h: torch.Tensor) -> torch.Tensor:

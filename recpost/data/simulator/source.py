@@ -10,7 +10,7 @@ import torch
 
 from recpost.data.interactions import Interactions
 from recpost.data.simulator.config import WorldConfig, check
-from recpost.data.simulator.rng import STREAM_LENGTHS, STREAM_NOISE, stream_generator
+from recpost.data.simulator.rng import STREAM_FEEDBACK, STREAM_LENGTHS, STREAM_NOISE, STREAM_SHUFFLE, stream_generator
 from recpost.data.simulator.truth import SimulatorTruth
 from recpost.data.simulator.world import RATING_MAX, RATING_MIN, SimWorld
 from recpost.data.sources import Source
@@ -18,6 +18,12 @@ from recpost.data.sources import Source
 log = logging.getLogger(__name__)
 
 WORLD_VERSION = 1  # bump when generation changes, so cached simulator data is rebuilt
+# Settings added after version 1: the cache key names one only when it is not its default, so the data
+# of every world that existed before them keeps its key (and its cache), and their defaults change nothing.
+LATER_SETTINGS = (
+    "taste_interaction", "satiation", "satiation_window", "exposure_concentration", "rarity_from", "feedback_rate",
+    "shuffle_ratings",
+)
 
 
 class Simulator(Source):
@@ -52,10 +58,12 @@ class Simulator(Source):
             "a validation and a test target",
         )
         check(max_seq_len >= min_seq_len, f"simulator max_seq_len ({max_seq_len}) must be >= min_seq_len ({min_seq_len})")
-        settings = dataclasses.asdict(world)
+        settings = {k: v for k, v in dataclasses.asdict(world).items() if k not in LATER_SETTINGS}
         sizes = {k: settings.pop(k) for k in ("n_users", "n_items")}
-        # Flat, in the order of the former flat signature: the cache key (fingerprint) is unchanged.
-        self.knobs = {**sizes, "min_seq_len": min_seq_len, "max_seq_len": max_seq_len, **settings}
+        # Flat, in the order of the former flat signature, later settings only when set: the cache key
+        # (fingerprint) of every earlier world is unchanged.
+        self.knobs = {**sizes, "min_seq_len": min_seq_len, "max_seq_len": max_seq_len, **settings,
+                      **world.changed_from_default(LATER_SETTINGS)}
         self.world = SimWorld(world)
         reachable = self.world.candidates or self.world.n_items
         what, knob = ("candidates per user", "candidates") if self.world.candidates else ("catalog", "n_items")
@@ -78,13 +86,17 @@ class Simulator(Source):
 
     def fingerprint(self) -> dict:
         """Cache key: every setting, flat and in the order of the former flat signature, so caches of
-        data generated before the settings moved into :class:`WorldConfig` stay valid."""
+        data generated before the settings moved into :class:`WorldConfig` stay valid; the settings
+        of ``LATER_SETTINGS`` follow, each only when it differs from its default."""
         return {"source": "simulator", "version": WORLD_VERSION, **self.knobs}
 
     # ----------------------------------------------------------------------------------- delegation
-    def true_reward(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """``r*`` for world users ``[B]`` over all world items (or ``items [K]``): ``[B, I|K]``."""
-        return self.world.true_reward(users, items)
+    def true_reward(
+        self, users: torch.Tensor, items: torch.Tensor | None = None, history: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``r*`` for world users ``[B]`` over all world items (or ``items [K]``): ``[B, I|K]``, after
+        ``history [B, H]`` (world ids, ``-1`` = pad; what satiation looks at)."""
+        return self.world.true_reward(users, items, history)
 
     def behavior_logits(self, users: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """Logits of ``pi_beta`` over all world items ``[B, n_items]`` (world ids, ``-1`` = pad)."""
@@ -92,17 +104,19 @@ class Simulator(Source):
 
     # ----------------------------------------------------------------------------------- generation
     def generate(self) -> dict[str, torch.Tensor]:
-        """All interactions, user-major and chronological: ``user, item, step, r_star, rating`` ``[N]``.
+        """All consumptions, user-major and chronological: ``user, item, step, r_star, rating, rated`` ``[N]``.
 
         Users are processed in blocks of ``world.block_size()``; each block has its own random
-        streams, so the result depends on the seed and the knobs only.
+        streams, so the result depends on the seed and the knobs only. ``rated`` says whether the
+        consumption carries a rating (``feedback_rate``); ``load()`` keeps only those. With
+        ``shuffle_ratings`` the ratings are permuted across all consumptions (``r_star`` is not).
         """
         w = self.world
         lengths = torch.randint(
             self.min_seq_len, self.max_seq_len + 1, (w.n_users,), generator=stream_generator(w.seed, STREAM_LENGTHS)
         )
         size = w.block_size()
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("user", "item", "step", "r_star", "rating")}
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("user", "item", "step", "r_star", "rating", "rated")}
         for block, start in enumerate(range(0, w.n_users, size)):
             users = torch.arange(start, min(start + size, w.n_users))
             seqs = w.sample_sequences(users, lengths[users], block)  # [b, L]
@@ -110,14 +124,25 @@ class Simulator(Source):
             user = users[:, None].expand_as(seqs)[valid]  # row-major: user-major, then step
             item = seqs[valid]
             step = torch.arange(seqs.shape[1])[None, :].expand_as(seqs)[valid]
-            r_star = w.pair_reward(user, item)
+            share = w.sequence_genre_shares(seqs)[valid] if w.satiation else None
+            r_star = w.pair_reward(user, item, share)
             rating = w.observe(r_star, item, stream_generator(w.seed, STREAM_NOISE, block))
-            for k, v in zip(parts, (user, item, step, r_star, rating)):
+            rated = torch.ones_like(item, dtype=torch.bool)
+            if w.config.feedback_rate < 1:  # its own stream: the other draws stay those of the fully rated world
+                coin = torch.rand(item.shape, generator=stream_generator(w.seed, STREAM_FEEDBACK, block))
+                rated = coin < w.config.feedback_rate
+            for k, v in zip(parts, (user, item, step, r_star, rating, rated)):
                 parts[k].append(v)
-        return {k: torch.cat(v) for k, v in parts.items()}
+        data = {k: torch.cat(v) for k, v in parts.items()}
+        if w.config.shuffle_ratings:  # across all users and blocks: the distribution stays, the link to r* goes
+            order = torch.randperm(len(data["rating"]), generator=stream_generator(w.seed, STREAM_SHUFFLE))
+            data["rating"] = data["rating"][order]
+        return data
 
     def load(self) -> pa.Table:
         data = self.generate()
+        if not bool(data["rated"].all()):
+            data = {k: v[data["rated"]] for k, v in data.items()}
         return pa.table({
             "user_id": pa.array(data["user"].numpy()),
             "item_id": pa.array(data["item"].numpy()),
@@ -133,6 +158,12 @@ class Simulator(Source):
             log.warning(
                 "simulator: %d of %d generated interactions survived preprocessing (filters?); ground truth uses the "
                 "histories the model sees, which then differ from the ones pi_beta saw", len(data.item), raw,
+            )
+        if self.world.config.feedback_rate < 1:
+            log.warning(
+                "simulator: feedback_rate=%g: the data holds rated consumptions only, so the histories that the ground "
+                "truth and pi_beta's top-10 are computed on lack the unrated items the user consumed",
+                self.world.config.feedback_rate,
             )
         return SimulatorTruth(self.world, data)
 

@@ -58,6 +58,20 @@ class SimulatorTruth:
         ) for s in range(0, B, rows)]
         return {name: torch.cat([p[name] for p in parts]).to(device) for name in self.metric_names}
 
+    def catalog_reward(self, user_index: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """``r*`` of every catalog item ``[B, n_items]`` (column ``j - 1`` = internal item ``j``) for the
+        users ``user_index [B]`` (DataModule rows) after their ``history [B, H]`` (internal ids, 0 = pad)."""
+        users = take(self.world_user, user_index.cpu())  # [B] world users
+        return self.world.true_reward(users, self.world_item[1:], take(self.world_item, history.cpu()))
+
+    def catalog_behavior_logits(self, user_index: torch.Tensor, history: torch.Tensor, slate: bool = True) -> torch.Tensor:
+        """Logits of ``pi_beta`` over the catalog ``[B, n_items]`` (column ``j - 1`` = internal item ``j``),
+        normalised over the whole world (``log_softmax`` of the world's items, catalog columns kept), so
+        their exponentials are the true propensities; ``slate=False``: the visit without its slate."""
+        users = take(self.world_user, user_index.cpu())
+        logits = self.world.behavior_logits(users, take(self.world_item, history.cpu()), slate=slate)  # [B, I]
+        return torch.log_softmax(logits, dim=-1)[:, self.world_item[1:]]
+
     def _evaluate(self, user_index: torch.Tensor, history: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         B = scores.shape[0]
         k = min(TOP_K, self.n_items)
@@ -65,7 +79,7 @@ class SimulatorTruth:
         catalog = self.world_item[1:]  # [n] world items of internal 1..n
         r = torch.empty(B, self.n_items + 1)
         r[:, 0] = RATING_MIN
-        r[:, 1:] = self.world.true_reward(users, catalog)  # [B, n + 1]
+        r[:, 1:] = self.catalog_reward(user_index, history)  # [B, n + 1]
         unconsumed = torch.ones(B, self.n_items + 1, dtype=torch.bool)
         unconsumed[:, 0] = False
         unconsumed.scatter_(1, history, False)

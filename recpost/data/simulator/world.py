@@ -47,6 +47,8 @@ class SimWorld:
         self.candidates = candidates
         self.noise_std, self.heteroscedasticity = config.noise_std, config.heteroscedasticity
         self.round_to_stars = config.round_to_stars
+        self.taste_interaction, self.satiation = config.taste_interaction, config.satiation
+        self.satiation_window = int(config.satiation_window)
         self.seed = int(config.seed)
 
         g = stream_generator(self.seed, STREAM_WORLD)
@@ -57,27 +59,102 @@ class SimWorld:
         self.quality = self.quality_mean + self.quality_std * torch.randn(self.n_items, generator=g)  # [I]
         rank = torch.randperm(self.n_items, generator=g) + 1  # popularity rank, 1 = most popular
         self.log_popularity = -torch.log(rank.double()).float()  # [I], Zipf(1): std ~1 like the other terms
-        self.rarity = (rank - 1).float() / max(1, self.n_items - 1)  # [I], 0 = most popular, 1 = rarest
         self.promotion = torch.randn(self.n_items, generator=g)  # [I], independent of taste and quality
-        # Item part of the behaviour logits, already divided by the temperature.
+        # Item part of the behaviour logits, already divided by the temperature (exposure concentration,
+        # the platform's own push to the head, is outside the users' mixture and is not).
         self._item_logit = (
             self.popularity_weight * self.log_popularity + self.promotion_weight * self.promotion
         ) / self.behavior_temperature
+        if config.exposure_concentration:
+            self._item_logit = self._item_logit + config.exposure_concentration * self.log_popularity
+        rarity_rank = rank - 1 if config.rarity_from == "popularity" else self._rank_descending(self.log_exposure())
+        self.rarity = rarity_rank.float() / max(1, self.n_items - 1)  # [I], 0 = most exposed, 1 = rarest
+        self.genre = self.item_factors.argmax(1)  # [I]: an item's genre is its largest latent coordinate
+
+    @staticmethod
+    def _rank_descending(values: torch.Tensor) -> torch.Tensor:
+        """``0`` for the largest value, ``len - 1`` for the smallest (ties by index)."""
+        rank = torch.empty(len(values), dtype=torch.long)
+        rank[values.argsort(descending=True, stable=True)] = torch.arange(len(values))
+        return rank
+
+    def log_exposure(self) -> torch.Tensor:
+        """Log of each item's expected behaviour weight over users ``[I]``, up to a constant.
+
+        The taste-blind item logit plus ``log E_u[exp(w <x_u, v_i>)] = w^2 s^2 |v_i|^2 / 2`` for
+        Gaussian user factors (coordinate variance ``s^2``, ``w = taste_weight / temperature``):
+        items with large factors are chosen more often through taste. Sequences and slates are left
+        out (slates are uniform over items). In the default world its Spearman correlation with
+        the items' consumption counts is 0.98, against 0.52 for the popularity rank alone.
+        """
+        w = self.taste_weight / self.behavior_temperature
+        s2 = self.latent_dim ** -0.5
+        return self._item_logit + 0.5 * w * w * s2 * self.item_factors.pow(2).sum(1)
 
     # ----------------------------------------------------------------------------------- reward
-    def true_reward(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """``r*`` in [1, 5]: ``[B]`` users x all items -> ``[B, I]``, or x items ``[K]`` -> ``[B, K]``."""
+    def true_reward(
+        self, users: torch.Tensor, items: torch.Tensor | None = None, history: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``r*`` in [1, 5]: ``[B]`` users x all items -> ``[B, I]``, or x items ``[K]`` -> ``[B, K]``.
+
+        ``history [B, H]`` (world ids in chronological order, ``-1`` = padding) is what satiation looks
+        at; ``None`` is a user who has consumed nothing yet (no satiation).
+        """
         items = torch.arange(self.n_items) if items is None else items.to("cpu")
-        taste = take(self.user_factors, users.cpu()) @ take(self.item_factors, items).T  # [B, K]
-        return self._squash(taste, take(self.quality, items))
+        x, v = take(self.user_factors, users.cpu()), take(self.item_factors, items)  # [B, d], [K, d]
+        logit = self.reward_scale * (x @ v.T) + take(self.quality, items)  # [B, K]
+        if self.taste_interaction:
+            h = self.latent_dim // 2
+            logit = logit + self._interaction(x[:, :h] @ v[:, :h].T, x[:, h:] @ v[:, h:].T)
+        if self.satiation and history is not None:
+            share = self.satiation_shares(history)  # [B, G]
+            logit = logit - self.satiation * share[:, take(self.genre, items)]
+        return self._squash(logit)
 
-    def pair_reward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``r*(users[n], items[n])`` for aligned ``[N]`` users and items -> ``[N]``."""
-        taste = (take(self.user_factors, users) * take(self.item_factors, items)).sum(-1)
-        return self._squash(taste, take(self.quality, items))
+    def pair_reward(self, users: torch.Tensor, items: torch.Tensor, genre_share: torch.Tensor | None = None) -> torch.Tensor:
+        """``r*(users[n], items[n])`` for aligned ``[N]`` users and items -> ``[N]``; ``genre_share [N]``:
+        the share of the user's latest ``satiation_window`` items that had the item's genre (satiation)."""
+        x, v = take(self.user_factors, users), take(self.item_factors, items)  # [N, d]
+        logit = self.reward_scale * (x * v).sum(-1) + take(self.quality, items)
+        if self.taste_interaction:
+            h = self.latent_dim // 2
+            logit = logit + self._interaction((x[:, :h] * v[:, :h]).sum(-1), (x[:, h:] * v[:, h:]).sum(-1))
+        if self.satiation and genre_share is not None:
+            logit = logit - self.satiation * genre_share
+        return self._squash(logit)
 
-    def _squash(self, taste: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-        return RATING_MIN + (RATING_MAX - RATING_MIN) * torch.sigmoid(self.reward_scale * taste + quality)
+    def _interaction(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """The conjunctive term of ``r*``'s logit: ``taste_interaction`` times the product of the two halves
+        of the taste, scaled to unit variance (the halves have variances ``h/d`` and ``(d-h)/d``)."""
+        h = self.latent_dim // 2
+        unit = self.latent_dim / (h * (self.latent_dim - h)) ** 0.5  # 1 / std(first * second)
+        return self.taste_interaction * unit * first * second
+
+    @staticmethod
+    def _squash(logit: torch.Tensor) -> torch.Tensor:
+        return RATING_MIN + (RATING_MAX - RATING_MIN) * torch.sigmoid(logit)
+
+    def satiation_shares(self, history: torch.Tensor) -> torch.Tensor:
+        """Share of each genre among the latest ``satiation_window`` items of each history ``[B, H] -> [B, G]``
+        (``-1`` = padding, left or right; fewer items than the window still count out of the window)."""
+        history = history.cpu().long()
+        valid = history >= 0
+        newest_first = valid.flip(1).cumsum(1).flip(1)  # [B, H]: valid items at or after each position
+        recent = valid & (newest_first <= self.satiation_window)
+        genres = take(self.genre, history.clamp(min=0))  # [B, H]
+        counts = torch.zeros(history.shape[0], self.latent_dim).scatter_add_(1, genres, recent.float())
+        return counts / self.satiation_window
+
+    def sequence_genre_shares(self, seqs: torch.Tensor) -> torch.Tensor:
+        """For each position of sequences ``[B, L]`` (``-1`` = padding at the end), the share of the
+        ``satiation_window`` items before it that had its genre ``[B, L]`` (``genre_share`` of ``pair_reward``)."""
+        valid = seqs >= 0
+        genres = torch.where(valid, take(self.genre, seqs.clamp(min=0)), -1)  # [B, L]
+        share = torch.zeros(seqs.shape, dtype=torch.float32)
+        for lag in range(1, min(self.satiation_window, seqs.shape[1] - 1) + 1):
+            same = (genres[:, lag:] == genres[:, :-lag]) & valid[:, :-lag] & valid[:, lag:]
+            share[:, lag:] += same.float()
+        return share / self.satiation_window
 
     # ----------------------------------------------------------------------------------- ratings
     def noise_scale(self, items: torch.Tensor) -> torch.Tensor:
@@ -90,6 +167,24 @@ class SimWorld:
         if self.round_to_stars:
             rating = torch.round(rating)
         return rating.clamp(RATING_MIN, RATING_MAX)
+
+    def expected_rating(self, r_star: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``E[observed rating | r*]`` for aligned ``r_star`` and ``items``, in closed form (Gaussian noise,
+        then rounding and clipping): what an unbiased off-policy estimate on ratings converges to, which
+        rounding and clipping move away from ``r*`` near the ends of the scale (no rating shuffle)."""
+        std = self.noise_scale(items).double().expand_as(r_star)
+        m = r_star.double()
+        if self.noise_std == 0:
+            return (torch.round(m) if self.round_to_stars else m).clamp(RATING_MIN, RATING_MAX).to(r_star.dtype)
+        cdf = lambda t: torch.special.ndtr((t - m) / std)  # noqa: E731 - P(r* + noise < t)
+        if self.round_to_stars:  # star k is drawn when the noisy value rounds to k (1 and 5 take the tails)
+            out = RATING_MIN + sum(1.0 - cdf(k + 0.5) for k in range(int(RATING_MIN), int(RATING_MAX)))
+            return out.to(r_star.dtype)
+        lo, hi = (RATING_MIN - m) / std, (RATING_MAX - m) / std
+        pdf = lambda z: torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5  # noqa: E731
+        inside = m * (torch.special.ndtr(hi) - torch.special.ndtr(lo)) + std * (pdf(lo) - pdf(hi))
+        out = RATING_MIN * torch.special.ndtr(lo) + RATING_MAX * (1 - torch.special.ndtr(hi)) + inside
+        return out.to(r_star.dtype)
 
     # ----------------------------------------------------------------------------------- behaviour
     def pools(self, users: torch.Tensor) -> torch.Tensor | None:
@@ -128,12 +223,15 @@ class SimWorld:
         taste = torch.bmm(take(self.item_factors, items), x[:, :, None]).squeeze(-1)  # [B, C]
         return take(self._item_logit, items) + w * taste
 
-    def behavior_logits(self, users: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    def behavior_logits(self, users: torch.Tensor, history: torch.Tensor, slate: bool = True) -> torch.Tensor:
         """Logits of ``pi_beta(. | user, history)`` over all world items ``[B, n_items]``.
 
         ``history [B, H]``: world item ids in chronological order, ``-1`` for padding (left or right).
         The step (visit) index is the number of history items; the last one drives the sequential
         term. Items of the history and items outside the user's exposure set are ``-inf``.
+        ``slate=False``: the same visit without its promoted slate, i.e. the part of ``pi_beta`` a
+        history can predict (the logged choices were made with the slate: their true propensities
+        need ``slate=True``).
         """
         users, history = users.cpu().long(), history.cpu().long()
         B, H = history.shape
@@ -146,10 +244,10 @@ class SimWorld:
             sim = take(self.item_factors, last) @ self.item_factors.T  # [B, I]
             logits = logits + (self.sequential_weight / self.behavior_temperature) * sim * (step > 0)[:, None]
         pools = self.pools(users)
-        if self.slate_size and self.slate_boost:
+        if slate and self.slate_size and self.slate_boost:
             slots = self.slates(users, step, self.candidates or self.n_items)
-            slate = pools.gather(1, slots) if pools is not None else slots  # [B, S] world ids
-            logits.scatter_(1, slate, logits.gather(1, slate) + self.slate_boost)
+            slate_items = pools.gather(1, slots) if pools is not None else slots  # [B, S] world ids
+            logits.scatter_(1, slate_items, logits.gather(1, slate_items) + self.slate_boost)
         if pools is not None:
             exposed = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, pools, True)
             logits = logits.masked_fill(~exposed, float("-inf"))
