@@ -34,3 +34,20 @@ def test_useful_flops_leave_out_the_padding():
 def test_device_cuda_without_a_gpu_is_one_clear_error():
     with pytest.raises(RecpostError, match="--device cuda: no CUDA device"):
         bench(device="cuda")
+
+
+def test_the_epoch_timer_takes_the_validation_inside_the_epoch_out(monkeypatch):
+    # Lightning validates between an epoch's last batch and on_train_epoch_end: the training figure must
+    # not count it, the with-validation figure must.
+    from types import SimpleNamespace
+
+    from recpost.bench import steps
+
+    clock = iter([0.0, 7.0, 9.5, 10.0])  # epoch start, validation start, validation end, epoch end
+    monkeypatch.setattr(steps.time, "perf_counter", lambda: next(clock))
+    timer, trainer = steps.Timer(), SimpleNamespace(sanity_checking=False)
+    timer.on_train_epoch_start(trainer, None)
+    timer.on_validation_epoch_start(trainer, None)
+    timer.on_validation_epoch_end(trainer, None)
+    timer.on_train_epoch_end(trainer, None)
+    assert (timer.train, timer.with_val, timer.val) == ([7.5], [10.0], [2.5])

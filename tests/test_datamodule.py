@@ -349,6 +349,46 @@ def test_a_length_grouped_epoch_has_the_same_per_target_losses_and_gradients(tmp
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(grads_a, grads_b))  # summation order
 
 
+@pytest.mark.parametrize("target_norm", ["batch", "dataset"])
+def test_with_target_norm_dataset_a_grouped_epoch_trains_on_the_same_loss(tmp_path, target_norm):
+    # The loss the optimiser sees, summed over an epoch: with target_norm: dataset every target weighs the
+    # same in every batch, so grouping windows by length cannot change it (nor its gradient); with the
+    # per-batch mean the few targets of a batch of short windows weigh more, and it does.
+    from recpost.methods import SFT
+    from recpost.models import BackboneConfig
+
+    lengths = (3, 4, 7, 12, 25, 5, 30, 9, 14, 6, 40, 8)
+    results = []
+    for grouping in (0, 8):
+        folder = tmp_path / f"g{grouping}"
+        folder.mkdir()
+        dm, _ = make_datamodule(folder, lengths=lengths, batch_size=3, length_grouping=grouping)
+        torch.manual_seed(0)
+        model = SFT(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=MAX_LEN, target_norm=target_norm,
+                    backbone=BackboneConfig(d_model=16, n_layers=2, n_heads=2, dropout=0.0))
+        model.set_targets_per_batch(dm)
+        total = sum(model.training_loss(b)[0] for b in dm.train_dataloader())
+        total.backward()
+        results.append((total.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    same = torch.allclose(loss_a, loss_b, rtol=1e-6) and all(
+        torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(grads_a, grads_b))
+    assert same == (target_norm == "dataset")
+
+
+def test_target_norm_dataset_without_the_data_is_one_clear_error(tmp_path):
+    from recpost.methods import SFT
+    from recpost.models import BackboneConfig
+
+    dm, _ = make_datamodule(tmp_path)
+    model = SFT(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=MAX_LEN, target_norm="dataset",
+                backbone=BackboneConfig(d_model=8, n_layers=1, n_heads=1))
+    with pytest.raises(RecpostError, match="target_norm: dataset needs the training data's targets per batch"):
+        model.training_loss(next(iter(dm.train_dataloader())))
+    with pytest.raises(RecpostError, match="model.target_norm must be one of"):
+        SFT(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=MAX_LEN, target_norm="epoch")
+
+
 def test_a_negative_length_grouping_is_one_clear_error(tmp_path):
     path, _ = make_log(tmp_path)
     with pytest.raises(RecpostError, match="data.length_grouping must be >= 0"):

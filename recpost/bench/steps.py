@@ -23,24 +23,34 @@ METHODS = ("sft", "exp_sft", "dpo", "ppo")
 
 
 class Timer(L.Callback):
-    """Wall time of each training epoch (without validation) and of each validation loop."""
+    """Wall time of each training epoch with and without its validation, and of each validation loop.
+
+    Lightning runs the end-of-epoch validation inside the training epoch (between the last batch and
+    ``on_train_epoch_end``), so ``with_val`` is what a user waits per epoch and ``train`` subtracts it.
+    """
 
     def __init__(self) -> None:
         self.train: list[float] = []
+        self.with_val: list[float] = []
         self.val: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t = time.perf_counter()
+        self._val_in_epoch = 0.0
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.train.append(time.perf_counter() - self._t)
+        elapsed = time.perf_counter() - self._t
+        self.with_val.append(elapsed)
+        self.train.append(elapsed - self._val_in_epoch)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._v = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self.val.append(time.perf_counter() - self._v)
+            seconds = time.perf_counter() - self._v
+            self.val.append(seconds)
+            self._val_in_epoch += seconds
 
 
 def datamodule(dataset: str, max_len: int, batch_size: int, n_items: int, length_grouping: int) -> RecDataModule:
@@ -56,8 +66,12 @@ def datamodule(dataset: str, max_len: int, batch_size: int, n_items: int, length
         from recpost.data import Simulator
         from recpost.data.simulator import WorldConfig
 
-        # Large worlds expose each user to a random 1,000 items, so generation stays seconds.
-        world = WorldConfig(n_items=n_items, candidates=1_000 if n_items > 10_000 else None)
+        # Large worlds expose each user to a random 1,000 items, so generation stays seconds, and have
+        # n_items / 5 users, so that nearly every item is consumed by someone (2,000 users would leave
+        # more than half of a 10^5-item world out of the catalog).
+        large = n_items > 10_000
+        world = WorldConfig(n_users=max(2_000, n_items // 5) if large else 2_000, n_items=n_items,
+                            candidates=1_000 if large else None)
         source = Simulator(world, max_seq_len=min(60, max_len + 10))
     return RecDataModule(source, max_len=max_len, batch_size=batch_size, eval_batch_size=1024,
                          length_grouping=length_grouping)

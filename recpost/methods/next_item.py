@@ -19,7 +19,8 @@ from recpost.methods.losses import popularity_log_q, sample_negatives, sampled_s
 
 Softmax = Literal["full", "sampled"]
 NegativeSampler = Literal["uniform", "popularity"]
-SOFTMAXES, NEGATIVE_SAMPLERS = get_args(Softmax), get_args(NegativeSampler)
+TargetNorm = Literal["batch", "dataset"]
+SOFTMAXES, NEGATIVE_SAMPLERS, TARGET_NORMS = get_args(Softmax), get_args(NegativeSampler), get_args(TargetNorm)
 
 
 class NextItemModule(RecModule):
@@ -36,6 +37,13 @@ class NextItemModule(RecModule):
         negative_sampler: ``uniform`` over the catalog, or ``popularity``: proportional to each item's
             count in the training interactions (+1), i.e. harder negatives (the popular items a
             behaviour-cloning model over-ranks), with the same logQ correction.
+        target_norm: how a batch's per-target losses become its loss. ``batch``: their mean, so every
+            batch weighs the same however many targets it has. ``dataset``: their sum over the mean
+            number of targets per training batch of the data (read at the start of fit): every target
+            weighs the same in every batch, so the way windows are grouped into batches cannot reweigh
+            them. With ``data.length_grouping`` a batch of short windows has few targets, and ``batch``
+            would give each of them several times the weight of a target in a batch of long windows;
+            ``dataset`` makes a grouped epoch's summed loss and gradient equal to an ungrouped one's.
         **kwargs: the shared settings of ``RecModule`` (backbone, lr, init_from, score_chunk_size, ...).
     """
 
@@ -45,6 +53,7 @@ class NextItemModule(RecModule):
         one_of("softmax", s["softmax"], SOFTMAXES)
         at_least("num_negatives", s["num_negatives"], 1, "e.g. 1024 negatives per batch")
         one_of("negative_sampler", s["negative_sampler"], NEGATIVE_SAMPLERS)
+        one_of("target_norm", s["target_norm"], TARGET_NORMS)
         super().check_settings(**settings)
 
     def __init__(
@@ -53,14 +62,16 @@ class NextItemModule(RecModule):
         softmax: Softmax = "full",
         num_negatives: int = 1024,
         negative_sampler: NegativeSampler = "uniform",
+        target_norm: TargetNorm = "batch",
         **kwargs,
     ) -> None:
         self.check_settings_once(dict(softmax=softmax, num_negatives=num_negatives, negative_sampler=negative_sampler,
-                                      **kwargs))
+                                      target_norm=target_norm, **kwargs))
         super().__init__(*args, **kwargs)
         # log q [n_items + 1] of the popularity sampler: from the training data at the start of fit
         # (or set_item_counts); not saved, so it always matches the data being trained on.
         self.register_buffer("negative_log_q", None, persistent=False)
+        self.targets_per_batch: float | None = None  # target_norm: dataset; from the data at the start of fit
 
     @property
     def sampled(self) -> bool:
@@ -77,7 +88,33 @@ class NextItemModule(RecModule):
             )
         self.negative_log_q = popularity_log_q(counts).to(self.device)
 
+    def set_targets_per_batch(self, datamodule) -> None:
+        """``target_norm: dataset``'s divisor from ``datamodule`` (a ``RecDataModule``): the mean number of
+        next-item targets of a training window times the batch size (what the start of fit does)."""
+        start, end = datamodule.train_windows()
+        self.targets_per_batch = float(np.mean(end - start - 1)) * datamodule.batch_size
+
+    def reduce_targets(self, losses: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from its per-target losses ``[N]`` (already weighted, if the method weighs them),
+        by ``target_norm``: their mean, or their sum over the data's mean targets per batch."""
+        if self.hparams.target_norm == "batch":
+            return losses.mean()
+        if self.targets_per_batch is None:
+            raise RecpostError(
+                "model.target_norm: dataset needs the training data's targets per batch: fit with a RecDataModule "
+                "(trainer.fit(model, datamodule=dm)) or call model.set_targets_per_batch(dm) first"
+            )
+        return losses.sum() / self.targets_per_batch
+
     def on_fit_start(self) -> None:
+        if self.hparams.target_norm == "dataset" and self.targets_per_batch is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "train_windows"):
+                raise RecpostError(
+                    "model.target_norm: dataset needs the training data's targets per batch: fit with a RecDataModule "
+                    "(trainer.fit(model, datamodule=dm)) or call model.set_targets_per_batch(dm) first"
+                )
+            self.set_targets_per_batch(datamodule)
         if self.sampled and self.hparams.negative_sampler == "popularity" and self.negative_log_q is None:
             datamodule = self.trainer.datamodule
             if datamodule is None or not hasattr(datamodule, "train_item_counts"):

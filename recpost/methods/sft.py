@@ -14,8 +14,9 @@ from recpost.methods.next_item import NextItemModule
 
 
 class SFT(NextItemModule):
-    """Behaviour cloning: mean cross-entropy of the logged next item (full or sampled softmax)."""
+    """Behaviour cloning: cross-entropy of the logged next item (full or sampled softmax), reduced over the
+    batch's targets by ``target_norm``."""
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce, _ = self.next_item_cross_entropy(batch)  # [N]
-        return ce.mean(), {}
+        return self.reduce_targets(ce), {}

@@ -113,7 +113,12 @@ class RewardWeightedModule(NextItemModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``mean(w * ce)`` over the global batch for ``ce [N]`` and ``weights [N]`` of the batch's targets (in
         ``next_items > 0`` order), and the shared diagnostics."""
-        loss = weighted_mean(ce, weights, self.gather)
+        if self.hparams.target_norm == "dataset":
+            # every target the same weight in every batch (NextItemModule.target_norm); under DDP each
+            # process's sum over the same divisor, averaged by DDP: the global sum over the global divisor
+            loss = self.reduce_targets(weights * ce.float())
+        else:
+            loss = weighted_mean(ce, weights, self.gather)
         with torch.no_grad():
             weighted = weights * ce
             liked = batch["next_liked"][batch["next_items"] > 0]  # [N]

@@ -43,6 +43,11 @@ class BackboneConfig:
         temperature: divides cosine logits (the published recipe: 0.05); ignored for ``dot``.
         use_ratings: add an embedding of each past item's rating to its input (the target's rating
             is never an input).
+        compile: run ``encode`` through ``torch.compile`` (inductor, dynamic shapes). Measured on ML-100K
+            (2 CPU cores, length-grouped batches, README "Compiled paths"): HSTU's training epoch ~20%
+            faster after a one-off ~20 s of compiling, SASRec's ~2% (its attention is already one fused
+            SDPA kernel). Same losses as eager without dropout; with dropout the random masks come
+            from inductor's generator, so runs are reproducible but not bit-equal to eager ones.
     """
 
     name: Literal["sasrec", "hstu"] = "sasrec"
@@ -59,6 +64,23 @@ class BackboneConfig:
     similarity: Literal["dot", "cosine"] = "dot"
     temperature: float = 1.0
     use_ratings: bool = False
+    compile: bool = False
+
+
+def _encode_eagerly(backbone: Backbone, items, ratings, timestamps) -> torch.Tensor:
+    return type(backbone).encode(backbone, items, ratings, timestamps)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_encode(backbone: Backbone, items, ratings=None, timestamps=None) -> torch.Tensor:
+    """``backbone.encode`` through one process-wide ``torch.compile`` of a function that takes the
+    backbone as an argument: dynamo guards on which module it is, so a deep copy (the frozen reference)
+    runs with its own weights, which a compiled bound method stored on the module would not do."""
+    if "encode" not in _COMPILED:
+        _COMPILED["encode"] = torch.compile(_encode_eagerly, dynamic=True)
+    return _COMPILED["encode"](backbone, items, ratings, timestamps)
 
 
 class Backbone(nn.Module, ABC):
@@ -70,6 +92,11 @@ class Backbone(nn.Module, ABC):
         self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
         self.similarity = similarity
         self.temperature = temperature
+        self.compile_encode = False  # BackboneConfig.compile, set by recpost.models.registry.build_backbone
+
+    def run_compiled(self) -> bool:
+        """Whether ``encode`` should hand over to :func:`compiled_encode` (not while being compiled)."""
+        return self.compile_encode and not torch.compiler.is_compiling()
 
     @classmethod
     @abstractmethod

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recpost.errors import RecpostError
-from recpost.models.backbone import Backbone, BackboneConfig
+from recpost.models.backbone import Backbone, BackboneConfig, compiled_encode
 
 LN_EPS = 1e-6  # the reference's LayerNorm epsilon inside a block
 TIME_BUCKET_DIVISOR = 0.301  # the reference's bucket = floor(ln(max(|dt|, 1)) / 0.301)
@@ -134,6 +134,8 @@ class HSTU(Backbone):
     def encode(
         self, items: torch.Tensor, ratings: torch.Tensor | None = None, timestamps: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.run_compiled():
+            return compiled_encode(self, items, ratings, timestamps)
         B, L = items.shape  # [B, L]
         if L > self.max_len:
             items, L = items[:, -self.max_len:], self.max_len

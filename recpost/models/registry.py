@@ -14,4 +14,6 @@ def build_backbone(cfg: BackboneConfig, n_items: int, max_len: int) -> Backbone:
     """The backbone ``cfg`` describes, for a catalog of ``n_items`` and histories of ``max_len``."""
     if cfg.name not in BACKBONES:
         raise RecpostError(f"model.backbone.name: unknown backbone {cfg.name!r}; use one of {sorted(BACKBONES)}")
-    return BACKBONES[cfg.name].from_config(cfg, n_items=n_items, max_len=max_len)
+    backbone = BACKBONES[cfg.name].from_config(cfg, n_items=n_items, max_len=max_len)
+    backbone.compile_encode = bool(cfg.compile)
+    return backbone

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recpost.errors import RecpostError
-from recpost.models.backbone import Backbone, BackboneConfig
+from recpost.models.backbone import Backbone, BackboneConfig, compiled_encode
 
 
 class _Block(nn.Module):
@@ -85,6 +85,8 @@ class SASRec(Backbone):
         self, items: torch.Tensor, ratings: torch.Tensor | None = None, timestamps: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Hidden states ``[B, L, d]``; SASRec uses no timestamps (they are accepted and ignored)."""
+        if self.run_compiled():
+            return compiled_encode(self, items, ratings, timestamps)
         B, L = items.shape  # [B, L]
         if L > self.max_len:
             items, L = items[:, -self.max_len:], self.max_len
