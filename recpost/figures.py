@@ -39,11 +39,13 @@ def _save(fig, path: Path) -> Path:
 _METRIC_WORDS = {
     "ndcg@10": "NDCG@10", "ndcg@10_liked": "NDCG@10 on liked targets", "hr@10": "HR@10",
     "true_reward@10": "true reward of the top 10", "rm_reward@10": "training RM's rating of the top 10",
-    "eval_rm_reward@10": "evaluator RM's rating of the top 10",
+    "eval_rm_reward@10": "evaluator RM's rating of the top 10", "judge_reward@10": "judges' rating of the top 10",
 }
-_SPLITS = {"val": "validation", "test": "test"}
+_SPLITS = {"val": "validation", "test": "test", "test_all": "test, every target"}
 # Units of the metrics that have one (ratings and rewards are on the data's star scale).
-_METRIC_UNITS = {"true_reward@10": "stars", "rm_reward@10": "stars", "eval_rm_reward@10": "stars", "rating@10": "stars"}
+_METRIC_UNITS = {"true_reward@10": "stars", "rm_reward@10": "stars", "eval_rm_reward@10": "stars", "rating@10": "stars",
+                 "judge_reward@10": "stars"}
+JUDGE_CURVE = "val/judge_reward@10"
 
 
 def metric_label(metric: str) -> str:
@@ -112,7 +114,8 @@ def training_curves(rows: list[dict], method: str, path: Path, reward: str = "va
     """``reward`` (the training reward model's score of the top-10) and a held-out metric over training
     batches (Lightning's logged step), one colour per setting: the mean over seeds, with a ± std band
     where several seeds exist. The held-out metric is ``val/true_reward@10`` where the data has ground
-    truth, else ``val/ndcg@10``. Reward hacking shows as the left panel rising while the right one falls.
+    truth, else ``val/ndcg@10``; where the study has judges, a third panel shows their rating of the top 10.
+    Reward hacking shows as the left panel rising while the others fall.
     ``x_label``: what one step is (default :func:`curve_x_label`)."""
     runs = [r for r in rows if r.get("method") == method and r.get("metrics_csv") and Path(r["metrics_csv"]).is_file()]
     curves = [(r, _read_curve(r["metrics_csv"])) for r in runs]
@@ -123,13 +126,14 @@ def training_curves(rows: list[dict], method: str, path: Path, reward: str = "va
         held_out = "val/true_reward@10" if any("val/true_reward@10" in c for _, c in curves) else "val/ndcg@10"
     settings = sorted({json.dumps(r["setting"], sort_keys=True) for r, _ in curves})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    panels = [reward, held_out, *([JUDGE_CURVE] if any(JUDGE_CURVE in c for _, c in curves) else [])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
     for i, setting in enumerate(settings):
         group = [(r, c) for r, c in curves if json.dumps(r["setting"], sort_keys=True) == setting]
         label = ", ".join(f"{k}={v}" for k, v in group[0][0]["setting"].items()) or method
         if len(group) > 1:
             label += f" ({len(group)} seeds)"
-        for ax, metric in zip(axes, (reward, held_out)):
+        for ax, metric in zip(axes, panels):
             _plot_mean_curve(ax, [c[metric] for _, c in group if metric in c], colours[i % len(colours)],
                              label if ax is axes[0] else None)
     base = [r[held_out] for r in rows if r.get("method") == "base" and held_out in r]
@@ -137,11 +141,11 @@ def training_curves(rows: list[dict], method: str, path: Path, reward: str = "va
     if not math.isnan(mean):  # where every run starts from (the pretrained model's validation value)
         axes[1].axhline(mean, linestyle=":", color="grey", label="base (pretrained)")
         axes[1].legend(fontsize=8)
-    for ax, metric in zip(axes, (reward, held_out)):
+    for ax, metric in zip(axes, panels):
         ax.set_xlabel(x_label or curve_x_label(method))
         ax.set_ylabel(metric_label(metric))
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{method}: training reward model vs held-out metric")
+    fig.suptitle(f"{method}: training reward model vs held-out metric" + (" and judges" if len(panels) > 2 else ""))
     return _save(fig, path)
 
 
@@ -190,8 +194,10 @@ def write_all(rows: list[dict], folder: Path, curve_labels: Mapping[str, str] | 
     (``curve_labels``: each method's x-axis label, see :func:`training_curves`)."""
     curve_labels = curve_labels or {}
     written = []
-    for metric in ("test/ndcg@10", "test/ndcg@10_liked", "test/true_reward@10", "test/eval_rm_reward@10"):
-        name = metric.split("/")[1].replace("@", "_at_")
+    for metric in ("test/ndcg@10", "test/ndcg@10_liked", "test/true_reward@10", "test/eval_rm_reward@10",
+                   "test/judge_reward@10", "test_all/ndcg@10"):
+        split, _, name = metric.partition("/")
+        name = ("all_targets_" if split == "test_all" else "") + name.replace("@", "_at_")
         written.append(metric_vs_lambda(rows, metric, folder / f"{name}_vs_lambda.png"))
     for method in sorted({r["method"] for r in rows}):
         written.append(training_curves(rows, method, folder / f"{method}_training_curves.png",

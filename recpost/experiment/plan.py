@@ -1,17 +1,23 @@
 """The study as a list of stages, built once: every ``recpost`` command line of an experiment comes from here.
 
-Per seed, in the order of the result rows: the reward model and the evaluator reward model (both
-continued from the base checkpoint), the base model (pretrained here unless the study lists
-checkpoints), then every method over its grid. An argument that names an earlier stage's checkpoint is
-a :class:`CheckpointOf` placeholder, filled in by the runner once that stage has been fitted. The
-runner fits a needed stage before the stage that needs it, so the base model is fitted first although
-its row comes after the reward models: its test waits for the evaluator RM that scores it.
+Per seed, in the order of the result rows: the reward model, the evaluator reward model, the other
+members of a reward ensemble and the judges (all continued from the base checkpoint), the base model
+(pretrained here unless the study lists checkpoints), then every method over its grid. An argument that
+names earlier stages' checkpoints is a :class:`CheckpointOf` (one) or :class:`CheckpointsOf` (a list)
+placeholder, filled in by the runner once those stages have been fitted. The runner fits a needed stage
+before the stage that needs it, so the base model is fitted first although its row comes after the
+reward models: its test waits for the evaluator RM and the judges that score it.
+
+Every reward model of a seed has its own training seed (:func:`role_seed`): the ensemble's members differ
+from the study's RM by seed, as RS-DPO's do; the evaluator and the judges also train on their own
+bootstrap resample of the users, so they err on other users than the RMs a method trains against.
 
 ``recpost experiment --dry-run`` prints :meth:`Plan.describe`; the runner executes the same stages.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,9 +27,35 @@ from recpost.errors import RecpostError
 from recpost.experiment.study import MethodSpec, Study
 from recpost.runs import BEST_CHECKPOINT
 
-# Offset of the evaluator reward model's seed: another initialisation and batch order.
+# Offsets of the other reward models' seeds from the study seed (another initialisation and batch order):
+# the evaluator, the ensemble's members 1, 2, ... and the judges 0, 1, ..., SEED_STRIDE apart, so that
+# every reward model of a study has its own seed for up to SEED_STRIDE study seeds.
 EVALUATOR_SEED_OFFSET = 1000
+ENSEMBLE_SEED_OFFSET = 10_000
+JUDGE_SEED_OFFSET = 100_000
+SEED_STRIDE = 1000
 DEFAULT_MONITOR = ("val/ndcg@10", "max")  # what the pretrain and method configs select on already
+ALL_TARGETS = "--data.eval_min_rating=null"  # the second test of a study with eval_min_rating: every target
+
+
+def role_seed(seed: int, role: str, index: int = 0) -> int:
+    """The training seed of a reward model of study seed ``seed``: the study's RM (``reward_model``) has the
+    seed itself, the ``evaluator`` seed + 1000, ensemble member ``index`` (1, 2, ...) seed + 10,000 +
+    1000 (index - 1), judge ``index`` (0, 1, ...) seed + 100,000 + 1000 index."""
+    if role == "reward_model":
+        return seed
+    if role == "evaluator":
+        return seed + EVALUATOR_SEED_OFFSET
+    if role == "ensemble":
+        return seed + ENSEMBLE_SEED_OFFSET + SEED_STRIDE * (index - 1)
+    if role == "judge":
+        return seed + JUDGE_SEED_OFFSET + SEED_STRIDE * index
+    raise ValueError(f"no reward-model role {role!r}")
+
+
+def bootstrap_overrides(resample_seed: int) -> list[str]:
+    """Train on a bootstrap resample of the training users, drawn with ``resample_seed``."""
+    return ["--data.train_users=bootstrap", f"--data.train_users_seed={resample_seed}"]
 
 
 def evaluator_overrides(seed: int) -> list[str]:
@@ -34,7 +66,14 @@ def evaluator_overrides(seed: int) -> list[str]:
     training RM's, and a policy that exploits the training RM would look good to the evaluator too. A
     resample of the users (seeded by the same offset seed) makes the two RMs err on different users.
     """
-    return ["--data.train_users=bootstrap", f"--data.train_users_seed={seed + EVALUATOR_SEED_OFFSET}"]
+    return bootstrap_overrides(role_seed(seed, "evaluator"))
+
+
+def judge_overrides(seed: int, k: int) -> list[str]:
+    """Judge ``k``'s extra overrides: like the evaluator, its own bootstrap resample of the training users
+    (seeded by its own seed), so the judges err on other users than each other and than the RMs a method
+    trains against."""
+    return bootstrap_overrides(role_seed(seed, "judge", k))
 
 
 @dataclass(frozen=True)
@@ -55,26 +94,54 @@ class CheckpointOf:
         return shown if self.required else f"[{shown}]"
 
 
-Arg = str | CheckpointOf
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return (self.stage,)
+
+
+@dataclass(frozen=True)
+class CheckpointsOf:
+    """``<flag> [<best checkpoint of each stage in stages>]`` (a YAML list, as ``reward_ensemble`` and
+    ``judges`` take it): known once those stages have been fitted.
+
+    ``required``: every one of them must have its checkpoint, or the stage is recorded as failed (a reward
+    ensemble). Otherwise the stages without one are left out of the list, and the flag too if none is left
+    (judges: a failed judge only leaves the others).
+    """
+
+    flag: str
+    stages: tuple[str, ...]
+    required: bool = True
+
+    def __str__(self) -> str:
+        shown = f"{self.flag} [{', '.join(f'<{BEST_CHECKPOINT}.ckpt of {s}>' for s in self.stages)}]"
+        return shown if self.required else f"[{shown}]"
+
+
+Arg = str | CheckpointOf | CheckpointsOf
+Placeholder = (CheckpointOf, CheckpointsOf)
 
 
 def resolve(args: Sequence[Arg], checkpoints: Mapping[str, str | None]) -> list[str]:
-    """``args`` with each placeholder replaced by its flag and the checkpoint of its stage; an optional
-    placeholder whose stage has no checkpoint is left out. A required one must have its checkpoint."""
+    """``args`` with each placeholder replaced by its flag and the checkpoints of its stages; an optional
+    placeholder's stages without a checkpoint are left out (the flag too, if none has one). A required one
+    must have all its checkpoints."""
     out: list[str] = []
     for arg in args:
         if isinstance(arg, str):
             out.append(arg)
-        elif checkpoints.get(arg.stage):
-            out += [arg.flag, str(checkpoints[arg.stage])]
-        elif arg.required:
-            raise ValueError(f"{arg.stage} has no checkpoint; check Stage.missing before resolving")
+            continue
+        found = [str(checkpoints[s]) for s in arg.stages if checkpoints.get(s)]
+        if arg.required and len(found) < len(arg.stages):
+            raise ValueError(f"{arg.stages} lack a checkpoint; check Stage.missing before resolving")
+        if found:
+            out += [arg.flag, found[0] if isinstance(arg, CheckpointOf) else json.dumps(found)]
     return out
 
 
 def show(args: Sequence[Arg]) -> str:
     """A command as a shell line, each placeholder as its flag and ``<... of seed0/base>``."""
-    return " ".join(str(a) if isinstance(a, CheckpointOf) else shlex.quote(a) for a in args)
+    return " ".join(str(a) if isinstance(a, Placeholder) else shlex.quote(a) for a in args)
 
 
 @dataclass(frozen=True)
@@ -95,6 +162,7 @@ class Stage:
     monitor: str = DEFAULT_MONITOR[0]
     mode: str = DEFAULT_MONITOR[1]
     epochs: int | None = None  # the progress bar's length; None: unknown
+    all_targets: bool = False  # also test over every held-out target (the fit selects on eval_min_rating's)
 
     @property
     def label(self) -> str:
@@ -104,18 +172,18 @@ class Stage:
     @property
     def needs(self) -> tuple[str, ...]:
         """The earlier stages whose checkpoints this stage's commands name, in order of first use."""
-        names = [a.stage for a in (*self.fit_args, *self.test_args) if isinstance(a, CheckpointOf)]
+        names = [s for a in (*self.fit_args, *self.test_args) if isinstance(a, Placeholder) for s in a.stages]
         return tuple(dict.fromkeys(names))
 
     @property
     def fit_needs(self) -> tuple[str, ...]:
         """The earlier stages whose checkpoints the fit alone needs."""
-        return tuple(dict.fromkeys(a.stage for a in self.fit_args if isinstance(a, CheckpointOf)))
+        return tuple(dict.fromkeys(s for a in self.fit_args if isinstance(a, Placeholder) for s in a.stages))
 
     def missing(self, checkpoints: Mapping[str, str | None], fit_only: bool = False) -> list[str]:
         """The stages whose checkpoint this stage (or only its fit) requires but ``checkpoints`` lacks."""
         args = self.fit_args if fit_only else (*self.fit_args, *self.test_args)
-        return [a.stage for a in args if isinstance(a, CheckpointOf) and a.required and not checkpoints.get(a.stage)]
+        return [s for a in args if isinstance(a, Placeholder) and a.required for s in a.stages if not checkpoints.get(s)]
 
     @property
     def fit_root(self) -> Path:
@@ -124,6 +192,10 @@ class Stage:
     @property
     def test_root(self) -> Path:
         return self.directory / "test"
+
+    @property
+    def test_all_root(self) -> Path:
+        return self.directory / "test_all"
 
     @property
     def fit_command(self) -> tuple[Arg, ...]:
@@ -136,8 +208,20 @@ class Stage:
         return ("test", *self.fit_args, *self.test_args, CheckpointOf("--ckpt_path", self.name),
                 "--trainer.default_root_dir", str(self.test_root))
 
+    @property
+    def test_all_command(self) -> tuple[Arg, ...]:
+        """``recpost`` arguments of the second test of the same checkpoint, over every held-out target (only
+        for a stage with ``all_targets``): metrics stored as ``test_all/...``."""
+        return ("test", *self.fit_args, *self.test_args, ALL_TARGETS, CheckpointOf("--ckpt_path", self.name),
+                "--trainer.default_root_dir", str(self.test_all_root))
+
+    @property
+    def commands(self) -> tuple[tuple[Arg, ...], ...]:
+        """Every command of the stage, in the order they run: fit, test (and the all-targets test)."""
+        return (self.fit_command, self.test_command, *((self.test_all_command,) if self.all_targets else ()))
+
     def log(self, job: str) -> Path:
-        """Where the output of ``job`` (``fit`` or ``test``) goes."""
+        """Where the output of ``job`` (``fit``, ``test`` or ``test_all``) goes."""
         return self.directory / f"{job}.log"
 
     def loggers(self, job: str) -> Path:
@@ -168,11 +252,11 @@ class Plan:
         seeds = f"{self.seeds} seed" + ("s" if self.seeds > 1 else "")
         lines = [f"experiment {self.study.name}: {len(self.stages)} stages, {seeds}, into {self.out}",
                  f"<{BEST_CHECKPOINT}.ckpt of S>: the best checkpoint of stage S, which is fitted first; "
-                 "[...]: left out if S fails. Each command also composes its stage's <fit|test>_loggers.yaml."]
+                 "[...]: left out if S fails. Each command also composes its stage's <fit|test|test_all>_loggers.yaml."]
         for i, stage in enumerate(self.stages, 1):
             needs = f"; needs {', '.join(stage.needs)}" if stage.needs else ""
             lines += ["", f"[{i}/{len(self.stages)}] {stage.name} ({stage.label}{needs})",
-                      f"  recpost {show(stage.fit_command)}", f"  recpost {show(stage.test_command)}"]
+                      *(f"  recpost {show(command)}" for command in stage.commands)]
         return "\n".join(lines)
 
 
@@ -189,11 +273,16 @@ def build_plan(study: Study, out: Path, seeds: int | None = None) -> Plan:
 
 
 def _seed_stages(study: Study, out: Path, seed: int) -> list[Stage]:
-    """One seed's stages in row order: reward models, base (its test needs the evaluator RM), methods."""
+    """One seed's stages in row order: reward models, base (its test needs the evaluator RM and the judges),
+    methods."""
     configs = [arg for path in study.base_configs for arg in ("--config", str(path))]
     seed_args = [*configs, "--seed_everything", str(seed)]
     selection = [] if (study.monitor, study.monitor_mode) == DEFAULT_MONITOR else [
         f"--checkpoint.monitor={study.monitor}", f"--checkpoint.mode={study.monitor_mode}"]
+    # The paper's protocol, for the policies only: a reward model is selected and tested on every target.
+    if study.eval_min_rating is not None:
+        selection.append(f"--data.eval_min_rating={study.eval_min_rating:g}")
+    policy = dict(monitor=study.monitor, mode=study.monitor_mode, all_targets=study.eval_min_rating is not None)
 
     def stage(name: str, method: str, fit_args: list[Arg], setting: dict | None = None, **kw) -> Stage:
         return Stage(f"seed{seed}/{name}", method, setting or {}, seed, out / f"seed{seed}" / name, tuple(fit_args), **kw)
@@ -202,23 +291,42 @@ def _seed_stages(study: Study, out: Path, seed: int) -> list[Stage]:
         CheckpointOf("--model.init_args.init_from", f"seed{seed}/base")]
     stages: list[Stage] = []
     reward_model = None
+    ensemble: list[Stage] = []  # the study's RM and the other members of the methods' reward ensemble
     test_args: tuple[Arg, ...] = ()  # what every policy's test adds: the evaluator RM when there is one
+    judging: tuple[Arg, ...] = ()  # what every policy's validation and test add: the judges
+
+    def rm_args(config: Path, epochs: int | None, overrides: list[str]) -> list[Arg]:
+        return ["--config", str(config), *init_from, *(["--trainer.max_epochs", str(epochs)] if epochs else []),
+                *study.posttrain_overrides, *overrides]
+
+    def rm_stage(name: str, method: str, role: str, index: int, args: list[Arg], extra: list[str],
+                 epochs: int | None, setting: dict | None = None) -> Stage:
+        fit = [*configs, "--seed_everything", str(role_seed(seed, role, index)), *args, *extra]
+        return stage(name, method, fit, setting, monitor="val/rmse", mode="min", epochs=epochs)
+
     if study.reward_model:
         spec = study.reward_model
-        rm_args = ["--config", str(spec.config), *init_from,
-                   *(["--trainer.max_epochs", str(spec.epochs)] if spec.epochs else []),
-                   *study.posttrain_overrides, *spec.overrides]
-        rm = dict(monitor="val/rmse", mode="min", epochs=spec.epochs)
-        reward_model = stage("reward_model", "reward_model", [*seed_args, *rm_args], **rm)
+        args = rm_args(spec.config, spec.epochs, spec.overrides)
+        reward_model = rm_stage("reward_model", "reward_model", "reward_model", 0, args, [], spec.epochs)
         stages.append(reward_model)
         if spec.evaluator:
-            evaluator = stage("eval_reward_model", "eval_reward_model", [
-                *configs, "--seed_everything", str(seed + EVALUATOR_SEED_OFFSET), *rm_args, *evaluator_overrides(seed)], **rm)
+            evaluator = rm_stage("eval_reward_model", "eval_reward_model", "evaluator", 0, args,
+                                 evaluator_overrides(seed), spec.epochs)
             stages.append(evaluator)
             test_args = (CheckpointOf("--model.init_args.eval_reward_model", evaluator.name, required=False),)
+        ensemble = [reward_model] + [
+            rm_stage(f"reward_ensemble/member{m}", "reward_ensemble", "ensemble", m, args, [], spec.epochs, {"member": m})
+            for m in range(1, study.ensemble_size)]
+        stages += ensemble[1:]
+    if study.judges:
+        spec = study.judges
+        judges = [rm_stage(f"judge/judge{k}", "judge", "judge", k, rm_args(spec.config, spec.epochs, spec.overrides),
+                           judge_overrides(seed, k), spec.epochs, {"judge": k}) for k in range(spec.count)]
+        stages += judges
+        judging = (CheckpointsOf("--model.init_args.judges", tuple(j.name for j in judges), required=False),)
     if not study.pretrained:
-        stages.append(stage("base", "base", [*seed_args, *selection, *study.pretrain_overrides], test_args=test_args,
-                            monitor=study.monitor, mode=study.monitor_mode))
+        stages.append(stage("base", "base", [*seed_args, *selection, *study.pretrain_overrides],
+                            test_args=(*test_args, *judging), **policy))
     for method in study.methods:
         for setting in method.settings():
             tag = "-".join(f"{k}{v}" for k, v in setting.items()) or "default"
@@ -226,10 +334,17 @@ def _seed_stages(study: Study, out: Path, seed: int) -> list[Stage]:
             args = [*seed_args, "--config", str(method.config), *init_from, "--trainer.max_epochs", str(epochs),
                     *selection, *study.posttrain_overrides, *method.overrides,
                     *[f"--model.init_args.{k}={v}" for k, v in setting.items()],
-                    *_reward_model_arg(method, setting, reward_model)]
+                    *_reward_model_arg(method, setting, reward_model), *_ensemble_arg(method, ensemble), *judging]
             stages.append(stage(f"{method.name}/{tag}", method.name, args, setting, test_args=test_args,
-                                monitor=study.monitor, mode=study.monitor_mode, epochs=epochs))
+                                epochs=epochs, **policy))
     return stages
+
+
+def _ensemble_arg(method: MethodSpec, ensemble: list[Stage]) -> list[Arg]:
+    """The first ``reward_ensemble`` reward models of the seed, for a method that asks for an ensemble."""
+    if not method.reward_ensemble:
+        return []
+    return [CheckpointsOf("--model.init_args.reward_ensemble", tuple(s.name for s in ensemble[:method.reward_ensemble]))]
 
 
 def _reward_model_arg(method: MethodSpec, setting: dict, reward_model: Stage | None) -> list[Arg]:

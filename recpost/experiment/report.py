@@ -24,13 +24,23 @@ from recpost.experiment.study import Study
 from recpost.methods import PPO
 
 TABLE_METRICS = ["ndcg@10", "hr@10", "ndcg@10_liked", "hr@10_liked", "rating@10", "coverage@10", "true_reward@10",
-                 "rm_reward@10", "eval_rm_reward@10"]
-# Per-user metrics compared against the reference with a paired bootstrap (those present in the test output).
-PAIRED_METRICS = ["ndcg@10", "true_reward@10"]
+                 "rm_reward@10", "eval_rm_reward@10", "judge_reward@10", "judge_reward@10_std"]
+# The metrics of the second test over every target (a study with eval_min_rating), as test_all/<metric>.
+ALL_TARGET_METRICS = ["ndcg@10", "hr@10"]
+# Columns compared against the reference with a paired bootstrap over users (those present in the output).
+PAIRED_COLUMNS = ["test/ndcg@10", "test_all/ndcg@10", "test/true_reward@10", "test/judge_reward@10"]
 RM_METRICS = ["rmse", "mae", "rmse_global_mean", "rmse_item_mean", "rmse_user_mean"]
 # The reward model also ranks (its predicted rating of every item): its ranking metrics, for reference.
 RM_RANKING_METRICS = ["ndcg@10", "ndcg@10_liked", "hr@10", "true_reward@10"]
-RM_METHODS = ("reward_model", "eval_reward_model")
+# Rows of reward models (the study's, the evaluator, the ensemble's other members, the judges): no policy.
+RM_METHODS = ("reward_model", "eval_reward_model", "reward_ensemble", "judge")
+JUDGE_NOTE = ("`judge_reward@10`: the judges' mean predicted rating of the top 10 (K reward models trained on other "
+              "seeds and bootstrap resamples of the users than any RM a method trains against), mean ± std over "
+              "seeds; `judge_reward@10_std`: its spread across the judges (std of the K judges' means), averaged "
+              "over seeds. A policy the training RM likes but the judges do not is exploiting the training RM.")
+ALL_TARGETS_NOTE = ("`val/` and `test/`: only the users whose held-out target is rated >= the study's "
+                    "`eval_min_rating` (the paper's protocol; settings and epochs chosen on it); `test_all/`: the "
+                    "same checkpoints tested on every user's target.")
 ONE_SEED_NOTE = ("With one seed an interval resamples test users only, not training runs (their seed-to-seed "
                  "variance is not in it), so no difference is marked `*`; run `--seeds 2` or more for significance marks.")
 
@@ -51,8 +61,10 @@ class Report:
         if result.get("metrics_csv"):
             row["metrics_csv"] = result["metrics_csv"]
         self.rows.append(row)
-        self.per_user[(stage.method, json.dumps(stage.setting, sort_keys=True), stage.seed)] = _read_per_user(
-            result.get("per_user"))
+        per_user = _read_per_user(result.get("per_user"))
+        for user, values in _read_per_user(result.get("per_user_test_all")).items():  # every target's test
+            per_user.setdefault(user, {}).update({f"test_all/{k}": v for k, v in values.items()})
+        self.per_user[(stage.method, json.dumps(stage.setting, sort_keys=True), stage.seed)] = per_user
 
     def write(self) -> None:
         study = self.plan.study
@@ -70,7 +82,8 @@ def write_results(rows: list[dict], out: Path, monitor: str, mode: str = "max", 
     """results.json / results.csv (one row per method, setting, seed), results.md (mean ± std over
     seeds, best per column in bold, paired-bootstrap differences to ``reference``) and figures/.
 
-    ``per_user`` maps (method, setting json, seed) to the per-user test rows of that run;
+    ``per_user`` maps (method, setting json, seed) to the per-user test rows of that run (the metrics of
+    the test over every target as ``test_all/<metric>``);
     ``curve_labels`` the x-axis label of each method's training curves.
     """
     per_user = per_user or {}
@@ -133,17 +146,20 @@ def _choose(rows: list[dict], groups: dict, monitor: str, mode: str) -> None:
 
 def _policy_table(rows, groups, monitor, mode, per_user, reference) -> list[str]:
     policy = {k: v for k, v in groups.items() if k[0] not in RM_METHODS}
-    present = [m for m in TABLE_METRICS if any(f"test/{m}" in r for r in rows)]
-    cols = [monitor, *[f"test/{m}" for m in present]]
-    paired = [m for m in PAIRED_METRICS if f"test/{m}" in cols]
+    policy_rows = [r for rs in policy.values() for r in rs]
+    wanted = [f"test/{m}" for m in TABLE_METRICS] + [f"test_all/{m}" for m in ALL_TARGET_METRICS]
+    cols = [monitor, *[c for c in wanted if any(c in r for r in policy_rows)]]
+    paired = [c for c in PAIRED_COLUMNS if c in cols]
     stats = {key: {c: [r.get(c, math.nan) for r in rs if r["status"] == "ok"] for c in cols} for key, rs in policy.items()}
     best = {}
     for c in cols:
+        if c.endswith("_std"):  # a spread: neither end is better
+            continue
         means = {key: statistics.mean(v) for key, s in stats.items() if (v := [x for x in s[c] if not math.isnan(x)])}
         if means:
             lower = c == monitor and mode == "min"
             best[c] = (min if lower else max)(means, key=means.get)
-    header = ["method", "setting", "seeds", *cols, *[f"Δ test/{m} vs {reference} [95% CI]" for m in paired]]
+    header = ["method", "setting", "seeds", *cols, *[f"Δ {c} vs {reference} [95% CI]" for c in paired]]
     lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     n_settings = {}
     for method, _ in policy:
@@ -157,13 +173,21 @@ def _policy_table(rows, groups, monitor, mode, per_user, reference) -> list[str]
         for c in cols:
             cell = fmt(stats[key][c])
             cells.append(f"**{cell}**" if best.get(c) == key and cell != "-" else cell)
-        for m in paired:
-            cell, seeds = _paired_cell(rs, method, setting, m, per_user, reference)
+        for c in paired:
+            cell, seeds = _paired_cell(rs, method, setting, _per_user_key(c), per_user, reference)
             one_seed |= seeds == 1
             cells.append(cell)
         shown = ", ".join(f"{k}={v}" for k, v in json.loads(setting).items()) or "-"
         lines.append(f"| {method} | {shown}{mark} | {len(ok)}/{len(rs)} | {' | '.join(cells)} |")
-    return lines + (["", ONE_SEED_NOTE] if one_seed else [])
+    notes = [note for note, shown in ((ALL_TARGETS_NOTE, any(c.startswith("test_all/") for c in cols)),
+                                      (JUDGE_NOTE, "test/judge_reward@10" in cols), (ONE_SEED_NOTE, one_seed)) if shown]
+    return lines + [line for note in notes for line in ("", note)]
+
+
+def _per_user_key(column: str) -> str:
+    """The per-user row key of a table column: ``test/ndcg@10`` -> ``ndcg@10``; ``test_all/...`` as it is."""
+    split, _, metric = column.partition("/")
+    return metric if split == "test" else column
 
 
 def _paired_cell(rs, method, setting, metric, per_user, reference) -> tuple[str, int]:
@@ -189,8 +213,9 @@ def _paired_cell(rs, method, setting, metric, per_user, reference) -> tuple[str,
 def _rm_table(rm_rows: list[dict]) -> list[str]:
     cols = [f"test/{m}" for m in RM_METRICS + RM_RANKING_METRICS if any(f"test/{m}" in r for r in rm_rows)]
     lines = ["Reward models: rating regression on the test targets (RMSE, MAE: lower is better; the three mean "
-             "predictors for reference), and the ranking metrics of the RM used as a policy (top-10 predicted ratings):", "",
-             f"| reward model | seeds | {' | '.join(cols)} |", "|" + "---|" * (2 + len(cols))]
+             "predictors for reference), and the ranking metrics of the RM used as a policy (top-10 predicted ratings); "
+             "mean ± std over its runs (seeds, and ensemble members or judges):", "",
+             f"| reward model | runs | {' | '.join(cols)} |", "|" + "---|" * (2 + len(cols))]
     for method in RM_METHODS:
         rs = [r for r in rm_rows if r["method"] == method]
         if rs:
@@ -201,21 +226,24 @@ def _rm_table(rm_rows: list[dict]) -> list[str]:
 
 
 def _rm_error_correlation(per_user: dict) -> list[str]:
-    """A sentence with the correlation, over test users, of the evaluator's and the training reward
-    model's signed errors (per-user ``err``), averaged over seeds: how far the evaluator is an
-    independent judge of a policy that exploits the training RM's errors."""
-    corrs = []
-    for (method, setting, seed), rows in per_user.items():
-        other = per_user.get(("eval_reward_model", setting, seed)) if method == "reward_model" else None
-        users = sorted(set(rows) & set(other or {}))
-        if other and users and all("err" in rows[u] and "err" in other[u] for u in users):
-            a = np.array([rows[u]["err"] for u in users])
-            b = np.array([other[u]["err"] for u in users])
-            if a.std() > 0 and b.std() > 0:
-                corrs.append(float(np.corrcoef(a, b)[0, 1]))
-    if not corrs:
-        return []
-    spread = f" (seeds: {', '.join(f'{c:.3f}' for c in corrs)})" if len(corrs) > 1 else ""
-    return ["", f"Correlation of the evaluator's and the training reward model's errors on the test targets: "
-                f"{np.mean(corrs):.3f}{spread}. 1 would make the evaluator a copy of the training RM, blind to a "
-                "policy that exploits its errors."]
+    """A sentence per independent reward model (the evaluator, the judges) with the correlation, over test
+    users, of its and the training reward model's signed errors (per-user ``err``), averaged over seeds
+    (and judges): how far it is an independent judge of a policy that exploits the training RM's errors."""
+    lines = []
+    for method, who, whose, runs in (("eval_reward_model", "the evaluator", "the evaluator's", "seeds"),
+                                     ("judge", "a judge", "the judges'", "judges x seeds")):
+        corrs = []
+        for (other_method, _, seed), other in per_user.items():
+            rows = per_user.get(("reward_model", json.dumps({}), seed))
+            users = sorted(set(rows or {}) & set(other)) if other_method == method else []
+            if users and all("err" in rows[u] and "err" in other[u] for u in users):
+                a = np.array([rows[u]["err"] for u in users])
+                b = np.array([other[u]["err"] for u in users])
+                if a.std() > 0 and b.std() > 0:
+                    corrs.append(float(np.corrcoef(a, b)[0, 1]))
+        if corrs:
+            spread = f" ({runs}: {', '.join(f'{c:.3f}' for c in corrs)})" if len(corrs) > 1 else ""
+            lines += ["", f"Correlation of {whose} and the training reward model's errors on the test targets: "
+                          f"{np.mean(corrs):.3f}{spread}. 1 would make {who} a copy of the training RM, blind to a "
+                          "policy that exploits its errors."]
+    return lines

@@ -3,7 +3,8 @@
 A stage's ``stage.json`` records its commands, its key (a hash of the resolved fit arguments and the
 contents of every config file they name) and its result. A stage whose record says ``ok`` for the
 same key and test key is reused, so an interrupted experiment resumes; one whose fit key still matches
-but whose test arguments changed (a new evaluator RM) only re-runs the test. Loggers are no part of
+but whose test arguments changed (a new evaluator RM) only re-runs the test (and, for a stage with
+``all_targets``, its second test over every held-out target, whose metrics are stored as ``test_all/...``). Loggers are no part of
 either key. Placeholders are resolved here: a stage's needed checkpoints are fitted before it, and a
 stage whose required checkpoint is missing (that stage failed) is recorded as failed without running.
 
@@ -44,6 +45,8 @@ LOCK = ".experiment.lock"
 STOP_GRACE_SECONDS = 30
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+# The second test of a stage with all_targets (over every held-out target): its job name and metric prefix.
+ALL_TARGETS_TEST = "test_all"
 # Kept from a finished fit when only the test is re-run.
 FIT_FIELDS = ("key", "fit_command", "checkpoint", "fit_seconds", "metrics_csv")
 
@@ -239,7 +242,8 @@ class Runner:
         fitted = done.get("key") == key and done.get("checkpoint") and Path(done["checkpoint"]).is_file()
         if not test and fitted:
             return {**{k: v for k, v in done.items() if k in FIT_FIELDS}, "status": "fitted"}
-        test_key = stage_key([*fit_args, "--test", *resolve(stage.test_args, self._checkpoints)])
+        test_key = stage_key([*fit_args, "--test", *resolve(stage.test_args, self._checkpoints),
+                              *(["--test-all-targets"] if stage.all_targets else [])])
         if test and done.get("key") == key and done.get("status") == "ok" and done.get("test_key") == test_key:
             self.say(f"{stage.label}: reused ({done['status']} {summary(done, stage.monitor, seconds=False)})")
             return done
@@ -271,17 +275,28 @@ class Runner:
                 fit = summary({"metrics": result["fit_metrics"], "seconds": result["fit_seconds"]}, stage.monitor)
                 self.say(f"{stage.label}: fitted {fit}; tested in its turn")
                 return result
-        command = resolve(stage.test_command, {**self._checkpoints, stage.name: result["checkpoint"]})
-        loggers = logger_config(stage.loggers("test"), stage.test_root, self.wandb, run_name, run_id, "fit")
-        result.update(test_key=test_key, test_command=["recpost", *command])
-        code = self._recpost(with_loggers(command, loggers), stage.log("test"), label=f"{stage.label} test")
-        if code != 0:
-            return self._finish(stage, {**result, "status": "failed",
-                                        "error": f"test exited {code}; see {stage.log('test')}"}, started)
-        run = latest_run(stage.test_root)
-        metrics = json.loads(run.metrics_json("test").read_text())
-        result.update(status="ok", metrics={**result["fit_metrics"], **metrics},
-                      per_user=str(run.per_user_csv) if run.per_user_csv.is_file() else None)
+        checkpoints = {**self._checkpoints, stage.name: result["checkpoint"]}
+        result.update(test_key=test_key, metrics=dict(result["fit_metrics"]))
+        tests = [("test", stage.test_command, stage.test_root)]
+        if stage.all_targets:  # the same checkpoint over every held-out target: metrics as test_all/...
+            tests.append((ALL_TARGETS_TEST, stage.test_all_command, stage.test_all_root))
+        for job, args, root in tests:
+            command = resolve(args, checkpoints)
+            # The test joins the fit's W&B run; the all-targets test has its own (its test/ metrics would
+            # overwrite the run's).
+            wandb_run = (run_name, run_id, "fit") if job == "test" else (f"{run_name}-{job}", f"{run_id}-{job}", job)
+            loggers = logger_config(stage.loggers(job), root, self.wandb, *wandb_run)
+            result[f"{job}_command"] = ["recpost", *command]
+            code = self._recpost(with_loggers(command, loggers), stage.log(job), label=f"{stage.label} {job}")
+            if code != 0:
+                return self._finish(stage, {**result, "status": "failed",
+                                            "error": f"{job} exited {code}; see {stage.log(job)}"}, started)
+            run = latest_run(root)
+            metrics = json.loads(run.metrics_json("test").read_text())
+            result["metrics"].update({f"{job}/{k.partition('/')[2]}": v for k, v in metrics.items()})
+            result["per_user" if job == "test" else f"per_user_{job}"] = (
+                str(run.per_user_csv) if run.per_user_csv.is_file() else None)
+        result["status"] = "ok"
         return self._finish(stage, result, started)
 
     def _finish(self, stage: Stage, result: dict, started: float) -> dict:

@@ -8,12 +8,17 @@ config's ``model.init_args``, the ``--model.init_args.*`` overrides, the grid po
 way: each key against the settings the class takes (``setting_defaults``, with the closest one
 suggested), each value against the class's rules (``check_settings``), so that ``grid: {lam: [0]}`` or a
 misspelt grid key stops before pretraining, not after.
+
+Besides the study's reward model (and its evaluator), a study may ask for **judges** (``judges: {count:
+K}``: K reward models trained independently, other seeds and bootstrap resamples of the users, that score
+every policy: ``judge_reward@10``) and, per method, a **reward ensemble** (``reward_ensemble: {count: K}``:
+the study's RM and K - 1 more seeds, for RS-DPO). ``eval_min_rating`` applies the paper's test protocol to
+every policy (selection and test) and adds a second test over all targets. A ``quick:`` section scales the
+study down for ``--quick`` (fewer seeds, epochs, grid points, judges), keeping every method and stage.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import product
@@ -23,14 +28,25 @@ from typing import Any
 import yaml
 
 from recpost.errors import RecpostError
-from recpost.methods import RecModule
+from recpost.experiment.settings import accepted, check_settings, keys_of, override_settings, read_method_class
+from recpost.methods import RecModule, RewardModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "configs/experiments/sim.yaml"
-STUDY_KEYS = {"name", "pretrain_config", "data", "pretrained", "methods", "seeds", "posttrain_epochs",
-              "pretrain_overrides", "posttrain_overrides", "monitor", "monitor_mode", "reward_model", "wandb"}
-METHOD_KEYS = {"config", "grid", "epochs", "overrides"}
+STUDY_KEYS = {"name", "pretrain_config", "backbone", "data", "pretrained", "methods", "seeds", "posttrain_epochs",
+              "pretrain_overrides", "posttrain_overrides", "monitor", "monitor_mode", "reward_model", "judges",
+              "eval_min_rating", "wandb", "quick"}
+METHOD_KEYS = {"config", "grid", "epochs", "overrides", "reward_ensemble"}
 RM_KEYS = {"config", "epochs", "overrides", "evaluator"}
+JUDGE_KEYS = {"count", "config", "epochs", "overrides"}
+COUNT_KEYS = {"count"}
+# What a quick: section may change (--quick): budgets and grids, never the methods, stages or protocol.
+QUICK_KEYS = {"seeds", "posttrain_epochs", "pretrain_overrides", "posttrain_overrides", "reward_model", "judges", "methods"}
+QUICK_SECTION_KEYS = {"reward_model": {"epochs", "overrides"}, "judges": {"count", "epochs", "overrides"}}
+QUICK_METHOD_KEYS = {"grid", "epochs", "overrides", "reward_ensemble"}
+QUICK_SUFFIX = "_quick"
+# Row names of the stages the runner adds itself: a study's method cannot take them.
+RESERVED_METHODS = {"base", "reward_model", "eval_reward_model", "reward_ensemble", "judge"}
 
 
 @dataclass
@@ -44,6 +60,7 @@ class MethodSpec:
     grid: dict[str, list] = field(default_factory=dict)
     epochs: int | None = None
     overrides: list[str] = field(default_factory=list)
+    reward_ensemble: int | None = None  # K: train against the study's RM and K - 1 more (other seeds)
 
     def settings(self) -> list[dict]:
         """Every point of the grid (one empty setting without a grid), in the grid's key order."""
@@ -60,7 +77,14 @@ class MethodSpec:
     def needs_reward_model(self, setting: Mapping[str, Any]) -> bool:
         """The method cannot train at this grid point without a reward model (e.g. PPO; DPO unless
         ``pair_source: logged``)."""
-        return self.method_class.needs_reward_model({**self.init_args, **setting})
+        return self.method_class.needs_reward_model({**self.init_args, **self.ensemble_setting(), **setting})
+
+    def ensemble_setting(self, members: list[str] | None = None) -> dict[str, Any]:
+        """``{reward_ensemble: members}`` when the study trains an ensemble for this method (stand-in names for
+        the checks before anything is trained), else ``{}``."""
+        if not self.reward_ensemble:
+            return {}
+        return {"reward_ensemble": members or [f"<reward ensemble member {m}>" for m in range(self.reward_ensemble)]}
 
 
 @dataclass
@@ -72,6 +96,17 @@ class RewardModelSpec:
     epochs: int | None = None
     overrides: list[str] = field(default_factory=list)
     evaluator: bool = False
+
+
+@dataclass
+class JudgeSpec:
+    """``count`` reward models trained per seed, each with its own seed and bootstrap resample of the users,
+    that only score the policies (``judge_reward@10``); by default trained like the study's reward model."""
+
+    count: int
+    config: Path
+    epochs: int | None = None
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -91,22 +126,43 @@ class Study:
     monitor: str = "val/ndcg@10"
     monitor_mode: str = "max"
     reward_model: RewardModelSpec | None = None
+    judges: JudgeSpec | None = None
+    eval_min_rating: float | None = None  # the paper's protocol for the policies; all targets tested as well
+    backbone_config: Path | None = None
     wandb: dict | None = field(default_factory=dict)
 
     @property
     def base_configs(self) -> list[Path]:
-        """The config files every stage starts from, in the order they compose (pretrain, then data)."""
-        return [self.pretrain_config, *([self.data_config] if self.data_config else [])]
+        """The config files every stage starts from, in the order they compose (pretrain, backbone, data)."""
+        return [self.pretrain_config, *(p for p in (self.backbone_config, self.data_config) if p)]
+
+    @property
+    def ensemble_size(self) -> int:
+        """Reward models per seed that the methods' ``reward_ensemble`` need (the study's RM among them)."""
+        return max((m.reward_ensemble or 0 for m in self.methods), default=0)
 
 
-def load_study(path: str) -> Study:
-    """Read and check an experiment YAML; raises :class:`RecpostError` with one line on the first mistake."""
+def load_study(path: str, quick: bool = False) -> Study:
+    """Read and check an experiment YAML; raises :class:`RecpostError` with one line on the first mistake.
+    ``quick``: apply its ``quick:`` section (the study scaled down, every method and stage kept)."""
     cfg_path = _resolve(path, Path.cwd())
     raw = yaml.safe_load(cfg_path.read_text()) or {}
     base = cfg_path.parent
+    if not isinstance(raw, dict):
+        raise RecpostError(f"{cfg_path}: an experiment config is a mapping (name, pretrain_config, methods, ...)")
     _keys(raw, STUDY_KEYS, str(cfg_path))
     if "pretrain_config" not in raw or not raw.get("methods"):
         raise RecpostError(f"{cfg_path}: needs pretrain_config and at least one entry under methods")
+    scaled = _quick(raw, cfg_path)  # checked whether or not --quick is given: a typo there stops here too
+    if quick:
+        if scaled is None:
+            raise RecpostError(f"{cfg_path} has no quick: section, so --quick cannot scale it down; drop --quick, "
+                               "or add one (see configs/experiments/paper_ml100k.yaml)")
+        raw = scaled
+    for name in raw["methods"]:
+        if name in RESERVED_METHODS:
+            raise RecpostError(f"{cfg_path}: methods.{name}: {name!r} names a stage the runner adds itself; "
+                               f"call the method something else (reserved: {', '.join(sorted(RESERVED_METHODS))})")
     methods = [_method(name, spec or {}, cfg_path) for name, spec in raw["methods"].items()]
     rm = None
     if raw.get("reward_model"):
@@ -118,26 +174,38 @@ def load_study(path: str) -> Study:
     if needing and rm is None:
         raise RecpostError(f"{cfg_path}: methods {needing} train against a reward model; add a reward_model: "
                            "section (e.g. reward_model: {config: ../method/reward_model.yaml})")
+    ensembles = [m.name for m in methods if m.reward_ensemble]
+    if ensembles and rm is None:
+        raise RecpostError(f"{cfg_path}: methods {ensembles} ask for a reward_ensemble, whose members are trained like "
+                           "the study's reward model (other seeds); add a reward_model: section")
+    judges = _judges(raw.get("judges"), rm, cfg_path)
     for key in ("seeds", "posttrain_epochs"):
         _positive_int(raw.get(key, 1), f"{cfg_path}: {key}")
-    for spec in [*methods, *([rm] if rm else [])]:
-        if spec.epochs is not None:
-            _positive_int(spec.epochs, f"{cfg_path}: {getattr(spec, 'name', 'reward_model')}.epochs")
+    for label, spec in [*((m.name, m) for m in methods), ("reward_model", rm), ("judges", judges)]:
+        if spec is not None and spec.epochs is not None:
+            _positive_int(spec.epochs, f"{cfg_path}: {label}.epochs")
+    eval_min_rating = raw.get("eval_min_rating")
+    rating = isinstance(eval_min_rating, (int, float)) and not isinstance(eval_min_rating, bool)
+    if eval_min_rating is not None and not rating:
+        raise RecpostError(f"{cfg_path}: eval_min_rating must be a rating (e.g. 4.5, the paper's protocol) or null "
+                           f"(got {eval_min_rating!r})")
     _check_stage_settings(cfg_path, _resolve(raw["pretrain_config"], base), list(raw.get("pretrain_overrides", [])),
-                          list(raw.get("posttrain_overrides", [])), methods, rm)
+                          list(raw.get("posttrain_overrides", [])), methods, rm, judges)
     data_config = _data_config(raw.get("data"), cfg_path)
+    backbone_config = _named_config("backbone", raw.get("backbone"), cfg_path)
     pretrained = raw.get("pretrained") or []
     pretrained = [_resolve(p, base) for p in ([pretrained] if isinstance(pretrained, str) else pretrained)]
     wandb = raw.get("wandb", {})
     if wandb not in (False, None) and not isinstance(wandb, dict):
         raise RecpostError(f"{cfg_path}: wandb must be false or a mapping (project, entity, group)")
     return Study(
-        name=raw.get("name", cfg_path.stem), pretrain_config=_resolve(raw["pretrain_config"], base), methods=methods,
-        path=cfg_path, data_config=data_config, pretrained=pretrained,
+        name=raw.get("name", cfg_path.stem) + (QUICK_SUFFIX if quick else ""),
+        pretrain_config=_resolve(raw["pretrain_config"], base), methods=methods, path=cfg_path, data_config=data_config, pretrained=pretrained,
         seeds=int(raw.get("seeds", 1)), posttrain_epochs=int(raw.get("posttrain_epochs", 10)),
         pretrain_overrides=list(raw.get("pretrain_overrides", [])),
         posttrain_overrides=list(raw.get("posttrain_overrides", [])), monitor=raw.get("monitor", "val/ndcg@10"),
-        monitor_mode=_mode(raw.get("monitor_mode", "max"), cfg_path), reward_model=rm,
+        monitor_mode=_mode(raw.get("monitor_mode", "max"), cfg_path), reward_model=rm, judges=judges,
+        eval_min_rating=None if eval_min_rating is None else float(eval_min_rating), backbone_config=backbone_config,
         wandb=None if wandb in (False, None) else dict(wandb),
     )
 
@@ -157,96 +225,125 @@ def _method(name: str, spec: dict, cfg_path: Path) -> MethodSpec:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise RecpostError(f"{cfg_path}: methods.{name}.grid.{key} must be a non-empty list")
-    method_class, init_args = _method_class(f"methods.{name}", config, cfg_path)
-    return MethodSpec(name, config, method_class, init_args, grid, spec.get("epochs"), list(spec.get("overrides", [])))
+    cls, init_args = read_method_class(f"methods.{name}", config, cfg_path)
+    ensemble = _count(spec.get("reward_ensemble"), f"{cfg_path}: methods.{name}.reward_ensemble", 2,
+                      "e.g. reward_ensemble: {count: 3} (the study's reward model and 2 more seeds)")
+    if ensemble and "reward_ensemble" not in cls.setting_defaults():
+        raise RecpostError(f"{cfg_path}: methods.{name}.reward_ensemble: {cls.__name__} takes no reward "
+                           "ensemble; it is for recpost.methods.DPO (configs/method/rs_dpo.yaml)")
+    return MethodSpec(name, config, cls, init_args, grid, spec.get("epochs"), list(spec.get("overrides", [])),
+                      ensemble)
 
 
-def _method_class(label: str, config: Path, where: Path) -> tuple[type[RecModule], dict[str, Any]]:
-    """The recpost method class the config's ``model.class_path`` names, and its ``model.init_args``
-    (``label``: the study key that names the config, for the error message)."""
-    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
-    model = model if isinstance(model, dict) else {}
-    class_path = model.get("class_path")
-    if not class_path:
-        raise RecpostError(f"{where}: {label}: {config} sets no model.class_path")
-    module, _, cls = class_path.rpartition(".")
-    try:
-        method = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError, ValueError):
-        method = None
-    if not (isinstance(method, type) and issubclass(method, RecModule)):
-        raise RecpostError(f"{where}: {label}: {class_path} (in {config}) is not a recpost method; "
-                           "use one of recpost.methods.SFT, ExpSFT, PPO, DPO, RewardModel")
-    init_args = model.get("init_args") or {}
-    return method, dict(init_args) if isinstance(init_args, dict) else {}
+def _count(spec: Any, where: str, low: int, example: str, keys: set[str] = COUNT_KEYS) -> int | None:
+    """The ``count`` of a ``{count: K, ...}`` section (``None`` without one), an integer >= ``low``."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise RecpostError(f"{where} must be a mapping with a count; {example}")
+    _keys(spec, keys, where)
+    count = spec.get("count")
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= low):
+        raise RecpostError(f"{where}.count must be an integer >= {low} (got {count!r}); {example}")
+    return count
+
+
+def _judges(spec: Any, rm: RewardModelSpec | None, cfg_path: Path) -> JudgeSpec | None:
+    """``judges: {count, config, epochs, overrides}``; config, epochs and overrides default to the reward model's."""
+    count = _count(spec, f"{cfg_path}: judges", 1, "e.g. judges: {count: 3}", JUDGE_KEYS)
+    if count is None:
+        return None
+    config = spec.get("config") or (rm.config if rm else "configs/method/reward_model.yaml")
+    return JudgeSpec(count, _resolve(str(config), cfg_path.parent), spec.get("epochs", rm.epochs if rm else None),
+                     list(spec.get("overrides", rm.overrides if rm else [])))
+
+
+def _quick(raw: dict, cfg_path: Path) -> dict | None:
+    """The study with its ``quick:`` section applied (``None`` without one): its values replace the study's
+    (``reward_model``, ``judges`` and each method key by key); it may not add or drop methods or stages."""
+    quick = raw.get("quick")
+    if quick is None:
+        return None
+    where = f"{cfg_path}: quick"
+    if not isinstance(quick, dict):
+        raise RecpostError(f"{where} must be a mapping of the settings --quick changes ({', '.join(sorted(QUICK_KEYS))})")
+    _keys(quick, QUICK_KEYS, where)
+    out = {k: v for k, v in raw.items() if k != "quick"}
+    for key, value in quick.items():
+        if key in QUICK_SECTION_KEYS:
+            if not isinstance(value, dict) or not raw.get(key):
+                raise RecpostError(f"{where}.{key} scales down the study's {key}: section, so it needs one and a "
+                                   "mapping here (--quick keeps the study's stages)")
+            _keys(value, QUICK_SECTION_KEYS[key], f"{where}.{key}")
+            out[key] = {**raw[key], **value}
+        elif key == "methods":
+            if not isinstance(value, dict):
+                raise RecpostError(f"{where}.methods must map method names to their scaled-down settings")
+            out["methods"] = dict(raw["methods"])
+            for name, spec in value.items():
+                if name not in raw["methods"]:
+                    raise RecpostError(f"{where}.methods.{name}: no such method in the study; --quick keeps the "
+                                       f"study's methods ({', '.join(raw['methods'])}) and only scales them down")
+                if not isinstance(spec, dict):
+                    raise RecpostError(f"{where}.methods.{name} must be a mapping ({', '.join(sorted(QUICK_METHOD_KEYS))})")
+                _keys(spec, QUICK_METHOD_KEYS, f"{where}.methods.{name}")
+                out["methods"][name] = {**(raw["methods"][name] or {}), **spec}
+        else:
+            out[key] = value
+    return out
 
 
 def _check_stage_settings(cfg_path: Path, pretrain: Path, pretrain_overrides: list[str], posttrain_overrides: list[str],
-                          methods: list[MethodSpec], rm: RewardModelSpec | None) -> None:
+                          methods: list[MethodSpec], rm: RewardModelSpec | None, judges: JudgeSpec | None) -> None:
     """Every stage's model settings, as its ``recpost fit`` will compose them, through the method class's
-    checks: the base model, the reward model, each method at each grid point."""
-    base_class, inherited = _method_class("pretrain_config", pretrain, cfg_path)  # later configs keep its settings
-    _check_settings(base_class, {**inherited, **_overrides(pretrain_overrides)}, f"{cfg_path}: pretrain_config {pretrain}")
+    checks: the base model, the reward model and the judges, each method at each grid point."""
+    base_class, inherited = read_method_class("pretrain_config", pretrain, cfg_path)  # later configs keep its settings
+    check_settings(base_class, {**inherited, **override_settings(pretrain_overrides)}, f"{cfg_path}: pretrain_config {pretrain}")
     if rm is not None:
-        rm_class, rm_args = _method_class("reward_model", rm.config, cfg_path)
-        _keys_of(rm_class, rm_args, f"{rm.config}: model.init_args")
-        _keys_of(rm_class, _overrides(rm.overrides), f"{cfg_path}: reward_model.overrides")
-        _check_settings(rm_class, {**_accepted(rm_class, inherited), **rm_args, **_overrides(posttrain_overrides),
-                                   **_overrides(rm.overrides)}, f"{cfg_path}: reward_model")
+        rm_class, rm_args = read_method_class("reward_model", rm.config, cfg_path)
+        keys_of(rm_class, rm_args, f"{rm.config}: model.init_args")
+        keys_of(rm_class, override_settings(rm.overrides), f"{cfg_path}: reward_model.overrides")
+        check_settings(rm_class, {**accepted(rm_class, inherited), **rm_args, **override_settings(posttrain_overrides),
+                                   **override_settings(rm.overrides)}, f"{cfg_path}: reward_model")
+    if judges is not None:
+        judge_class, judge_args = read_method_class("judges", judges.config, cfg_path)
+        if not issubclass(judge_class, RewardModel):
+            raise RecpostError(f"{cfg_path}: judges.config: {judges.config} is not a reward model "
+                               f"({judge_class.__name__}); use ../method/reward_model.yaml")
+        keys_of(judge_class, judge_args, f"{judges.config}: model.init_args")
+        keys_of(judge_class, override_settings(judges.overrides), f"{cfg_path}: judges.overrides")
+        check_settings(judge_class, {**accepted(judge_class, inherited), **judge_args,
+                                      **override_settings(posttrain_overrides), **override_settings(judges.overrides)},
+                        f"{cfg_path}: judges")
+    judge_arg = {"judges": [f"<judge {k}>" for k in range(judges.count)]} if judges is not None else {}
     for method in methods:
         cls = method.method_class
-        _keys_of(cls, method.init_args, f"{method.config}: model.init_args")
-        _keys_of(cls, _overrides(method.overrides), f"{cfg_path}: methods.{method.name}.overrides")
-        _keys_of(cls, method.grid, f"{cfg_path}: methods.{method.name}.grid")
+        keys_of(cls, method.init_args, f"{method.config}: model.init_args")
+        keys_of(cls, override_settings(method.overrides), f"{cfg_path}: methods.{method.name}.overrides")
+        keys_of(cls, method.grid, f"{cfg_path}: methods.{method.name}.grid")
         rm_arg = {"reward_model": "<the study's reward model>"} if rm is not None and method.takes_reward_model else {}
         for setting in method.settings():
             shown = f" ({', '.join(f'{k}={v}' for k, v in setting.items())})" if setting else ""
-            _check_settings(cls, {**_accepted(cls, inherited), **method.init_args, **_overrides(posttrain_overrides),
-                                  **_overrides(method.overrides), **rm_arg, **setting},
-                            f"{cfg_path}: methods.{method.name}{shown}")
-
-
-def _check_settings(cls: type[RecModule], settings: dict[str, Any], where: str) -> None:
-    try:
-        cls.check_settings(**settings)
-    except RecpostError as exc:
-        raise RecpostError(f"{where}: {exc}") from None
-
-
-def _accepted(cls: type[RecModule], settings: Mapping[str, Any]) -> dict[str, Any]:
-    known = cls.setting_defaults()
-    return {k: v for k, v in settings.items() if k in known}
-
-
-def _keys_of(cls: type[RecModule], settings: Mapping[str, Any], where: str) -> None:
-    """Refuse a key the method does not take, naming the closest one it does."""
-    known = list(cls.setting_defaults())
-    for key in settings:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-            raise RecpostError(f"{where}.{key}: {cls.__name__} has no setting {key!r}"
-                               + (f"; did you mean {close[0]}?" if close else f"; it takes {', '.join(sorted(known))}"))
-
-
-def _overrides(flags: list[str]) -> dict[str, Any]:
-    """The model settings among ``--model.init_args.<key>=<value>`` flags (YAML values, as the CLI reads them)."""
-    settings: dict[str, Any] = {}
-    for i, flag in enumerate(flags):
-        name, eq, value = str(flag).partition("=")
-        if not name.startswith("--model.") or name in ("--model.class_path", "--model.init_args"):
-            continue
-        if not eq:
-            value = flags[i + 1] if i + 1 < len(flags) else ""
-        key = name[len("--model."):]
-        key = key[len("init_args."):] if key.startswith("init_args.") else key
-        top = key.split(".")[0]  # a nested key (backbone.d_model) names its top setting
-        settings[top] = yaml.safe_load(value) if top == key else settings.get(top)
-    return settings
+            check_settings(cls, {**accepted(cls, inherited), **method.init_args, **override_settings(posttrain_overrides),
+                                  **override_settings(method.overrides), **rm_arg, **method.ensemble_setting(), **judge_arg,
+                                  **setting}, f"{cfg_path}: methods.{method.name}{shown}")
 
 
 def _positive_int(value: Any, where: str) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         raise RecpostError(f"{where} must be an integer >= 1 (got {value!r})")
+
+
+def _named_config(folder: str, name: Any, cfg_path: Path) -> Path | None:
+    """``<folder>:`` names a shipped config (``configs/<folder>/<name>.yaml``) or a path to one."""
+    if not name:
+        return None
+    name = str(name)
+    if name in _known(folder):
+        return REPO_ROOT / "configs" / folder / f"{name}.yaml"
+    if name.endswith((".yaml", ".yml")):
+        return _resolve(name, cfg_path.parent)
+    raise RecpostError(f"{cfg_path}: unknown {folder} {name!r}; use one of {_known(folder)} or a config path")
 
 
 def _data_config(data: Any, cfg_path: Path) -> Path | None:

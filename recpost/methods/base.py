@@ -22,8 +22,11 @@ from torch import nn
 from recpost.batch import EvalBatch, TrainBatch
 from recpost.checkpoint import check_catalog, load_backbone_weights, load_reward_model, stamp, verify_weights
 from recpost.errors import RecpostError
-from recpost.evaluation import TOP_K, CatalogRanking, RankingMetrics, ScoreColumns, mask_items, rank_in_chunks
-from recpost.methods.checks import at_least, optional, positive
+from recpost.evaluation import (
+    TOP_K, CatalogRanking, RankingMetrics, ScoreColumns, judge_metric_names, judge_rewards, judge_spread, mask_items,
+    rank_in_chunks,
+)
+from recpost.methods.checks import at_least, check_judges, optional, positive
 from recpost.models import BackboneConfig, RatingModel, build_backbone, freeze
 
 # Evaluation metrics are computed by torchmetrics objects that already synchronise across ranks in
@@ -60,6 +63,11 @@ class RecModule(L.LightningModule):
         eval_reward_model: a RewardModel checkpoint used only for evaluation: logs
             ``eval_rm_reward@10``, its mean predicted rating of the policy's top-10 (a second, independent
             RM shows whether a method hacks the RM it was trained against).
+        judges: RewardModel checkpoints used only for evaluation, an ensemble of judges trained
+            independently of any reward model the method trains against (other seeds, bootstrap
+            resamples of the users): logs ``judge_reward@10`` (the judges' mean predicted rating of the
+            top-10), each judge's ``judge<k>_reward@10`` and, for 2 or more, ``judge_reward@10_std``
+            (the spread across judges); see ``recpost.evaluation.judges``.
         score_chunk_size: in evaluation and prediction, score the catalog this many items at a time,
             so memory stays at ``[eval_batch_size, score_chunk_size]`` scores instead of
             ``[eval_batch_size, n_items + 1]``; the metrics are the same. ``null``: one matmul over the
@@ -103,6 +111,7 @@ class RecModule(L.LightningModule):
         positive("lr", s["lr"], "e.g. 0.001")
         optional(at_least, "score_chunk_size", s["score_chunk_size"], 1,
                  hint="e.g. 65536, or null to score the whole catalog at once")
+        check_judges(s)
 
     def check_settings_once(self, settings: Mapping[str, Any]) -> None:
         """``check_settings`` of this object's class, from the first ``__init__`` that runs: the most derived
@@ -124,11 +133,13 @@ class RecModule(L.LightningModule):
         mask_history: bool = True,
         init_from: str | None = None,
         eval_reward_model: str | None = None,
+        judges: list[str] | None = None,
         score_chunk_size: int | None = None,
     ) -> None:
         self.check_settings_once(dict(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                                       lr_schedule=lr_schedule, mask_history=mask_history, init_from=init_from,
-                                      eval_reward_model=eval_reward_model, score_chunk_size=score_chunk_size))
+                                      eval_reward_model=eval_reward_model, judges=judges,
+                                      score_chunk_size=score_chunk_size))
         super().__init__()
         if n_items < 1:  # the data link, not a setting: checked here, where the linked value arrives
             raise RecpostError("model.n_items must be >= 1; it is linked from the data module (data.n_items)")
@@ -147,6 +158,8 @@ class RecModule(L.LightningModule):
             load_backbone_weights(self.backbone, init_from, item_map_hash, "model.init_from")
         if eval_reward_model:
             self.hold_frozen("eval_reward_model", self.load_reward_model(eval_reward_model, "model.eval_reward_model"))
+        for k, path in enumerate(judges or []):
+            self.hold_frozen(f"judge.{k}", self.load_reward_model(path, f"model.judges[{k}]"))
 
     # ----------------------------------------------------------------------------------- weights
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -269,25 +282,39 @@ class RecModule(L.LightningModule):
             target=batch.get("target_item"), history=batch["history_items"] if self.hparams.mask_history else None, k=k,
         )
 
+    @property
+    def judges(self) -> list[RatingModel]:
+        """The frozen judges of ``judges`` (empty without any)."""
+        return [self._frozen[f"judge.{k}"] for k in range(len(self.hparams.get("judges") or []))]
+
     def extra_metric_names(self) -> tuple[str, ...]:
         """Names of the per-user values ``extra_metrics`` adds to the evaluation (averaged over users)."""
-        return tuple(metric for name, metric in REWARD_MODEL_METRICS.items() if name in self._frozen)
+        held = tuple(metric for name, metric in REWARD_MODEL_METRICS.items() if name in self._frozen)
+        return held + judge_metric_names(len(self.judges))
 
     def extra_metrics(
         self, batch: EvalBatch, scores: torch.Tensor | CatalogRanking
     ) -> dict[str, torch.Tensor]:
         """Per-user values ``name -> [B]`` for ``scores [B, n_items + 1]`` (masked) or their ``CatalogRanking``:
         here the mean predicted rating of the top-10 under each reward model held (``rm_reward@10``,
-        ``eval_rm_reward@10``), which scores only those 10 items."""
+        ``eval_rm_reward@10``) and under each judge (``judge_reward@10``: their mean), which scores only
+        those 10 items."""
         out = {}
         held = [(name, metric) for name, metric in REWARD_MODEL_METRICS.items() if name in self._frozen]
-        if held:
+        judges = self.judges
+        if held or judges:
             ranking = scores if isinstance(scores, CatalogRanking) else CatalogRanking.from_scores(scores, k=RM_TOP_K)
             top = ranking.top_items[:, :RM_TOP_K]  # [B, 10]
+
+            def top_rating(model: RatingModel) -> torch.Tensor:  # [B]: the model's mean rating of the top 10
+                rewards = model.predict_rewards(batch["input_items"], batch["input_ratings"], top,
+                                                batch.get("input_timestamps"))  # [B, 10]
+                return rewards.float().mean(dim=-1)
+
             for name, metric in held:
-                rewards = self._frozen[name].predict_rewards(batch["input_items"], batch["input_ratings"], top,
-                                                             batch.get("input_timestamps"))  # [B, 10]
-                out[metric] = rewards.float().mean(dim=-1)
+                out[metric] = top_rating(self._frozen[name])
+            if judges:
+                out.update(judge_rewards(torch.stack([top_rating(judge) for judge in judges])))  # from [K, B]
         return out
 
     def _ground_truth_metrics(self, batch: EvalBatch, scores: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -315,8 +342,14 @@ class RecModule(L.LightningModule):
         extra.update(self.extra_metrics(batch, ranking))
         metrics.update(ranking, batch["target_item"], batch["target_rating"], batch["target_liked"], batch["user_index"], extra)
 
+    def derived_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        """The logged metrics from the metric object's means over users: here, those plus the spread
+        across judges (``judge_reward@10_std``). A method with metrics that are not means over users
+        (a reward model's RMSE) derives them here."""
+        return {**values, **judge_spread(values, len(self.judges))}
+
     def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict[str, float]:
-        values = metrics.compute()
+        values = self.derived_metrics(metrics.compute())
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=False)
         return values
 

@@ -7,7 +7,8 @@ these also cover programmatic construction and numeric constraints.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 from recpost.errors import RecpostError
@@ -73,3 +74,24 @@ def require(ok: bool, message: str) -> None:
     """A rule between settings (e.g. ``k >= 2`` with a group baseline): the whole message is given."""
     if not ok:
         raise RecpostError(message)
+
+
+def check_judges(s: Mapping[str, Any]) -> None:
+    """``judges``: null or a list of distinct RewardModel checkpoints, none of them a reward model the method
+    trains against (``reward_model``, ``reward_ensemble``): a judge must be independent of those."""
+    judges = s.get("judges")
+    require(judges is None or (isinstance(judges, (list, tuple)) and len(judges) >= 1),
+            f"model.judges must be a list of RewardModel checkpoints (got {judges!r}); e.g. --model.init_args.judges "
+            "'[judge0.ckpt, judge1.ckpt, judge2.ckpt]', or null for none")
+    paths = [_same_file(p) for p in judges or []]
+    twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+    require(twice is None, f"model.judges lists {twice} twice; each judge must be trained independently "
+                           "(another seed and bootstrap resample), or their spread means nothing")
+    trained = [s.get("reward_model"), *(s.get("reward_ensemble") or [])]
+    shared = next((p for p in paths if p in {_same_file(t) for t in trained if t}), None)
+    require(shared is None, f"model.judges includes {shared}, a reward model this method trains against; a judge "
+                            "must be trained independently of it (the experiment's judges: {count: K} does this)")
+
+
+def _same_file(path: Any) -> Path:
+    return Path(str(path)).expanduser().resolve()

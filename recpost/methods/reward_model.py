@@ -23,7 +23,7 @@ import torch
 
 from recpost.batch import EvalBatch, TrainBatch
 from recpost.errors import RecpostError
-from recpost.evaluation import RankingMetrics, ScoreColumns
+from recpost.evaluation import ScoreColumns
 from recpost.methods.base import RecModule
 from recpost.methods.checks import non_negative
 from recpost.models import RatingHead, RatingModel, mask_padding_column
@@ -162,11 +162,10 @@ class RewardModel(RecModule):
         out["err"] = predictions[""].float() - batch["target_rating"].float()
         return out
 
-    def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict[str, float]:
-        values = metrics.compute()
+    def derived_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        values = super().derived_metrics(values)
         for p in PREDICTORS:
             values[f"rmse{p}"] = math.sqrt(values.pop(f"sq_err{p}"))
             values[f"mae{p}"] = values.pop(f"abs_err{p}")
         values["bias"] = values.pop("err")  # mean signed error: > 0 over-predicts
-        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=False)
         return values
