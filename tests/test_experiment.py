@@ -146,44 +146,6 @@ def test_choice_on_validation_follows_the_monitor_mode(tmp_path):
     assert [r["chosen"] for r in json.loads((tmp_path / "results.json").read_text())] == [True, False]
 
 
-@pytest.mark.slow
-def test_rlhf_stages_use_the_reward_model(tmp_path, tiny_config, monkeypatch):
-    # W&B off here (each offline run costs seconds per stage); the W&B wiring is tested below. The
-    # evaluator RM's stages are checked on the plan and with a stand-in CLI (tests below), not fitted.
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = tmp_path / "study.yaml"
-    cfg.write_text(f"""
-name: tiny-rlhf
-pretrain_config: {tiny_config}
-posttrain_epochs: 1
-reward_model:
-  config: {ROOT / 'configs/method/reward_model.yaml'}
-  epochs: 1
-methods:
-  ppo:
-    overrides: ["--model.init_args.k=2"]
-    grid:
-      kl_coef: [0.1]
-  dpo: {{}}
-""")
-    out = experiment(str(cfg), output_dir=str(tmp_path / "out"))
-    rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["reward_model", "base", "ppo", "dpo"]
-    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
-    rm = rows[0]
-    assert {"test/rmse", "test/rmse_item_mean", "test/rmse_user_mean", "test/rmse_global_mean"} <= set(rm)
-    # PPO and DPO are scored by their training RM
-    assert all("val/rm_reward@10" in r and "test/rm_reward@10" in r for r in rows[2:])
-    ppo_cmd = json.loads((out / "seed0" / "ppo" / "kl_coef0.1" / "stage.json").read_text())["fit_command"]
-    assert ppo_cmd[ppo_cmd.index("--model.init_args.reward_model") + 1] == json.loads(
-        (out / "seed0" / "reward_model" / "stage.json").read_text())["checkpoint"]
-    md = (out / "results.md").read_text()
-    assert "| reward_model | 1/1 |" in md
-    assert (out / "figures" / "ppo_training_curves.png").is_file()
-    assert (out / "figures" / "dpo_training_curves.png").is_file()
-    assert not (out / "seed0" / "ppo" / "kl_coef0.1" / "wandb").exists()  # WANDB_MODE=disabled: nothing written
-
-
 def test_wandb_is_offline_without_a_key_and_every_stage_gets_csv_then_wandb(tmp_path, tiny_config, monkeypatch):
     import yaml
 
@@ -265,6 +227,22 @@ def test_published_size_pretrain_configs_parse(name):
     out = recpost("fit", "--config", str(ROOT / "configs" / "pretrain" / f"{name}.yaml"), "--print_config")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "class_path: recpost.methods.SFT" in out.stdout
+
+
+def test_the_fast_recipe_composes_after_a_pretrain_config_and_sets_what_it_says():
+    import yaml
+
+    from tests.helpers import recpost
+
+    out = recpost("fit", "--config", str(ROOT / "configs/pretrain/ml1m.yaml"), "--config",
+                  str(ROOT / "configs/recipe/fast.yaml"), "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = yaml.safe_load(out.stdout)
+    assert (cfg["data"]["batch_size"], cfg["data"]["length_grouping"], cfg["trainer"]["max_epochs"]) == (64, 16, 30)
+    settings = cfg["model"]["init_args"]
+    assert (settings["target_norm"], settings["lr"], settings["lr_schedule"], settings["warmup_steps"]) == (
+        "dataset", 0.003, "cosine", 100)
+    assert settings["backbone"]["d_model"] == 50  # the model is the pretrain config's
 
 
 # ----------------------------------------------------------------------------------- the plan

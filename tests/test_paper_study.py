@@ -320,13 +320,28 @@ reward_model:
   epochs: 1
 judges: {{count: 2}}
 methods:
+  ppo:
+    overrides: ["--model.init_args.k=2"]
+    grid:
+      kl_coef: [0.1]
   rs_dpo:
     reward_ensemble: {{count: 2}}
 """)
     out = experiment(str(cfg), output_dir=str(tmp_path / "out"))
     rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["reward_model", "reward_ensemble", "judge", "judge", "rs_dpo"]
+    assert [r["method"] for r in rows] == ["reward_model", "reward_ensemble", "judge", "judge", "ppo", "rs_dpo"]
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    # The RLHF stages use the study's reward model (this study also stands for the plain RLHF one:
+    # PPO's training RM is the reward_model stage's checkpoint, and it scores PPO's top 10).
+    assert {"test/rmse", "test/rmse_item_mean", "test/rmse_user_mean", "test/rmse_global_mean"} <= set(rows[0])
+    ppo = rows[-2]
+    assert "val/rm_reward@10" in ppo and "test/rm_reward@10" in ppo
+    ppo_cmd = json.loads((out / "seed0" / "ppo" / "kl_coef0.1" / "stage.json").read_text())["fit_command"]
+    assert ppo_cmd[ppo_cmd.index("--model.init_args.reward_model") + 1] == json.loads(
+        (out / "seed0" / "reward_model" / "stage.json").read_text())["checkpoint"]
+    assert "| reward_model | 1/1 |" in (out / "results.md").read_text()
+    assert (out / "figures" / "ppo_training_curves.png").is_file()
+    assert not (out / "seed0" / "ppo" / "kl_coef0.1" / "wandb").exists()  # WANDB_MODE=disabled: nothing written
     rs_dpo = rows[-1]
     assert {"val/judge_reward@10", "test/judge_reward@10", "test/judge_reward@10_std", "test_all/judge_reward@10"} <= set(rs_dpo)
     assert rs_dpo["test/n_users"] < rs_dpo["test_all/n_users"] == 101  # the protocol's users, then every user
