@@ -326,9 +326,9 @@ def test_length_grouped_batches_use_every_window_once_and_waste_less_padding(tmp
     assert padding["grouped"] < padding["plain"]
 
 
-def test_a_length_grouped_epoch_has_the_same_per_target_losses_and_gradients(tmp_path):
-    # Grouping only changes which windows share a batch (and so their padding): with the same weights,
-    # the sum of every target's loss over an epoch, and its gradient, are the unbucketed epoch's.
+def _epoch_sums_plain_and_grouped(tmp_path, epoch_loss, **settings):
+    """``epoch_loss(model, dm)`` and its gradients for plain and length-grouped batches of the same windows,
+    from the same SFT weights: ``[(loss, grads), (loss, grads)]``."""
     from recpost.methods import SFT
     from recpost.models import BackboneConfig
 
@@ -340,13 +340,24 @@ def test_a_length_grouped_epoch_has_the_same_per_target_losses_and_gradients(tmp
         dm, _ = make_datamodule(folder, lengths=lengths, batch_size=3, length_grouping=grouping)
         torch.manual_seed(0)
         model = SFT(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=MAX_LEN,
-                    backbone=BackboneConfig(d_model=16, n_layers=2, n_heads=2, dropout=0.0))
-        total = sum(model.next_item_cross_entropy(b)[0].sum() for b in dm.train_dataloader())
+                    backbone=BackboneConfig(d_model=16, n_layers=2, n_heads=2, dropout=0.0), **settings)
+        total = epoch_loss(model, dm)
         total.backward()
         results.append((total.detach(), [p.grad.clone() for p in model.parameters()]))
+    return results
+
+
+def _same(results) -> bool:
     (loss_a, grads_a), (loss_b, grads_b) = results
-    assert torch.allclose(loss_a, loss_b, rtol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(grads_a, grads_b))  # summation order
+    return torch.allclose(loss_a, loss_b, rtol=1e-6) and all(
+        torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(grads_a, grads_b))  # summation order
+
+
+def test_a_length_grouped_epoch_has_the_same_per_target_losses_and_gradients(tmp_path):
+    # Grouping only changes which windows share a batch (and so their padding): with the same weights,
+    # the sum of every target's loss over an epoch, and its gradient, are the unbucketed epoch's.
+    assert _same(_epoch_sums_plain_and_grouped(
+        tmp_path, lambda model, dm: sum(model.next_item_cross_entropy(b)[0].sum() for b in dm.train_dataloader())))
 
 
 @pytest.mark.parametrize("target_norm", ["batch", "dataset"])
@@ -354,26 +365,12 @@ def test_with_target_norm_dataset_a_grouped_epoch_trains_on_the_same_loss(tmp_pa
     # The loss the optimiser sees, summed over an epoch: with target_norm: dataset every target weighs the
     # same in every batch, so grouping windows by length cannot change it (nor its gradient); with the
     # per-batch mean the few targets of a batch of short windows weigh more, and it does.
-    from recpost.methods import SFT
-    from recpost.models import BackboneConfig
-
-    lengths = (3, 4, 7, 12, 25, 5, 30, 9, 14, 6, 40, 8)
-    results = []
-    for grouping in (0, 8):
-        folder = tmp_path / f"g{grouping}"
-        folder.mkdir()
-        dm, _ = make_datamodule(folder, lengths=lengths, batch_size=3, length_grouping=grouping)
-        torch.manual_seed(0)
-        model = SFT(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=MAX_LEN, target_norm=target_norm,
-                    backbone=BackboneConfig(d_model=16, n_layers=2, n_heads=2, dropout=0.0))
+    def epoch_loss(model, dm):
         model.set_targets_per_batch(dm)
-        total = sum(model.training_loss(b)[0] for b in dm.train_dataloader())
-        total.backward()
-        results.append((total.detach(), [p.grad.clone() for p in model.parameters()]))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    same = torch.allclose(loss_a, loss_b, rtol=1e-6) and all(
-        torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(grads_a, grads_b))
-    assert same == (target_norm == "dataset")
+        return sum(model.training_loss(b)[0] for b in dm.train_dataloader())
+
+    assert _same(_epoch_sums_plain_and_grouped(tmp_path, epoch_loss, target_norm=target_norm)) == (
+        target_norm == "dataset")
 
 
 def test_target_norm_dataset_without_the_data_is_one_clear_error(tmp_path):

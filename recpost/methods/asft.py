@@ -36,8 +36,9 @@ from recpost.methods.catalog import chunks, masked_chunk
 from recpost.methods.checks import finite_positive, optional, require
 from recpost.methods.losses import check_finite_rewards, exp_reward_weights
 from recpost.methods.policy import state_history
+from recpost.methods.policy_base import FrozenReferenceAndRewardModel
 from recpost.methods.weighted import RewardWeightedModule
-from recpost.models import Backbone, RatingModel, frozen_copy
+from recpost.models import frozen_copy
 
 
 def expected_under_policy(
@@ -70,7 +71,7 @@ def expected_under_policy(
     return total / normaliser
 
 
-class ASFT(RewardWeightedModule):
+class ASFT(FrozenReferenceAndRewardModel, RewardWeightedModule):
     """Cross-entropy of the logged next item weighted by ``exp((r - b(s)) / lam)`` (see the module docstring).
 
     Args:
@@ -106,16 +107,6 @@ class ASFT(RewardWeightedModule):
         super().__init__(*args, **kwargs)
         self.hold_frozen("reference", frozen_copy(self.backbone))  # the initial policy (after init_from)
         self.hold_frozen("reward_model", self.load_reward_model(reward_model, "model.reward_model"))
-
-    @property
-    def reference(self) -> Backbone:
-        """The frozen initial policy."""
-        return self._frozen["reference"]
-
-    @property
-    def reward_model(self) -> RatingModel:
-        """The frozen reward model."""
-        return self._frozen["reward_model"]
 
     def bound_from_data(self, datamodule) -> float:
         low, high = datamodule.rating_range

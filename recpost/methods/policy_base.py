@@ -34,7 +34,22 @@ StatePositions = Literal["all", "last"]
 STATE_POSITIONS = get_args(StatePositions)
 
 
-class PolicyModule(RecModule):
+class FrozenReferenceAndRewardModel:
+    """Accessors of the frozen initial policy (``reference``) and reward model (``reward_model``) a method
+    holds with ``RecModule.hold_frozen`` under those names (PPO, DPO, A-SFT)."""
+
+    @property
+    def reference(self) -> Backbone:
+        """The frozen initial policy."""
+        return self._frozen["reference"]
+
+    @property
+    def reward_model(self) -> RatingModel:
+        """The frozen reward model (where the method was given one)."""
+        return self._frozen["reward_model"]
+
+
+class PolicyModule(FrozenReferenceAndRewardModel, RecModule):
     """Shared base of the methods that optimise the next-item policy against a reward or preferences.
 
     Args:
@@ -74,16 +89,6 @@ class PolicyModule(RecModule):
         self.hold_frozen("reference", frozen_copy(self.backbone))
         if reward_model:
             self.hold_frozen("reward_model", self.load_reward_model(reward_model, "model.reward_model"))
-
-    @property
-    def reference(self) -> Backbone:
-        """The frozen initial policy."""
-        return self._frozen["reference"]
-
-    @property
-    def reward_model(self) -> RatingModel:
-        """The frozen reward model (only when ``reward_model`` was given)."""
-        return self._frozen["reward_model"]
 
     def states(self, batch: TrainBatch) -> torch.Tensor:
         """The bandit states of the batch ``[B, L]`` bool (``state_positions``)."""
