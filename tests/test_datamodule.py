@@ -390,3 +390,35 @@ def test_a_negative_length_grouping_is_one_clear_error(tmp_path):
     path, _ = make_log(tmp_path)
     with pytest.raises(RecpostError, match="data.length_grouping must be >= 0"):
         RecDataModule(Table(str(path)), length_grouping=-1)
+
+
+# ----------------------------------------------------------------------------------- train_samples: prefixes
+def test_prefix_samples_have_one_target_each_at_the_last_position_and_use_every_target_once(tmp_path):
+    windows, seqs = make_datamodule(tmp_path)
+    (tmp_path / "p").mkdir()
+    prefixes, _ = make_datamodule(tmp_path / "p", train_samples="prefixes")
+    n_targets = sum(len(seq) - 2 - 1 for seq in seqs)
+    assert len(prefixes.train_windows()[0]) == n_targets == int(prefixes.train_window_targets().sum())
+    assert int(windows.train_window_targets().sum()) == n_targets
+    batches = train_batches(prefixes)
+    assert all(int((b["next_items"][:, :-1] != 0).sum()) == 0 for b in batches)  # only the last position
+    assert all(bool((b["next_items"][:, -1] > 0).all()) for b in batches)
+    assert all(int((b["next_rewards"][:, :-1] != 0).sum()) == 0 for b in batches)  # no reward without a target
+    targets = sorted(i for b in batches for i in b["next_items"].flatten().tolist() if i)
+    assert targets == sorted(i for b in train_batches(windows) for i in b["next_items"].flatten().tolist() if i)
+
+
+def test_a_prefix_sample_sees_the_last_max_len_items_before_its_target(tmp_path):
+    dm, seqs = make_datamodule(tmp_path, train_samples="prefixes")
+    where = position(seqs)
+    for batch in train_batches(dm):
+        for row, target in zip(batch["input_items"].tolist(), batch["next_items"][:, -1].tolist()):
+            user, k = where[target]
+            expected = [i for i, _ in seqs[user][max(0, k - MAX_LEN):k]]  # the full history, up to max_len
+            assert nonzero(torch.tensor(row)) == expected
+
+
+def test_an_unknown_train_samples_is_one_clear_error(tmp_path):
+    path, _ = make_log(tmp_path)
+    with pytest.raises(RecpostError, match="data.train_samples must be 'windows' or 'prefixes'"):
+        RecDataModule(Table(str(path)), train_samples="users")

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from recpost.errors import RecpostError
 from recpost.models import HSTU, BackboneConfig, SASRec, build_backbone
 from recpost.models.hstu import time_buckets
 
@@ -111,6 +112,30 @@ def test_time_buckets_are_log_spaced_gaps_in_seconds():
     assert b[0, 0].tolist() == [0, 0, int(math.log(10) / 0.301), int(math.log(86_400) / 0.301)]
     assert torch.equal(b, b.transpose(1, 2)) and b.diagonal(dim1=1, dim2=2).eq(0).all()
     assert time_buckets(torch.tensor([[0, 10**15]]), n_buckets=8).max() == 8  # clamped to the last bucket
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attention_dropout_acts_in_training_only(name):
+    # Off (0) by default; when set it changes training-mode encodings (with the other dropouts at 0) and
+    # leaves evaluation exactly as without it, and the causal mask still holds: a target's id cannot
+    # reach its own position's scores through a dropped-out attention weight.
+    items, ratings, timestamps = _history()
+    plain, dropped = _model(name), _model(name, attn_dropout=0.5)
+    assert torch.equal(plain.encode(items, ratings, timestamps), dropped.encode(items, ratings, timestamps))
+    dropped.train()
+    torch.manual_seed(1)
+    train_out = dropped.encode(items, ratings, timestamps)
+    assert not torch.allclose(train_out, plain.encode(items, ratings, timestamps))
+    changed = items.clone()
+    changed[:, -1] = 29
+    torch.manual_seed(1)
+    assert torch.equal(dropped.encode(changed, ratings, timestamps)[:, :-1], train_out[:, :-1])
+
+
+@pytest.mark.parametrize("key", ["dropout", "attn_dropout"])
+def test_a_dropout_outside_zero_to_one_is_one_clear_error(key):
+    with pytest.raises(RecpostError, match=f"model.backbone.{key} must be in \\[0, 1\\)"):
+        BackboneConfig(**{key: 1.0})
 
 
 def test_build_backbone_from_config():

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from recpost.batch import EvalBatch, TrainBatch
 from recpost.data.arrays import IndexDataset, gather_left_padded
 from recpost.data.interactions import Interactions, PreprocessOptions, build_cache, load_cache
-from recpost.data.sampling import LengthGroupedSampler
+from recpost.data.sampling import LengthGroupedSampler, training_windows
 from recpost.data.sources import Source
 from recpost.data.validation import check_options
 from recpost.errors import RecpostError
@@ -90,6 +90,11 @@ class RecDataModule(L.LightningDataModule):
         length_grouping: batches of training windows of similar length (``data/sampling.py``), so an
             epoch computes little padding: each epoch, pools of this many batches are sorted by length;
             0 = plain shuffled batches. Every window is still used once per epoch.
+        train_samples: ``windows`` (default, as the original SASRec code): a user's sequence cut into windows
+            of ``max_len`` targets, a loss at every position. ``prefixes`` (RecBole's sequential models): one
+            sample per target, its last ``max_len`` items as input, the loss at the last position only. Both
+            use every target once per epoch; ``prefixes`` gives each its full history and many times more
+            samples (optimiser steps) per epoch, each epoch as much costlier.
         num_workers: DataLoader workers (batches are gathered vectorised; 0 is usually fastest).
         cache_dir: where the preprocessed interactions live; default ``$RECPOST_CACHE_DIR`` or
             ``~/.cache/recpost/cache``.
@@ -110,6 +115,7 @@ class RecDataModule(L.LightningDataModule):
         train_users: Literal["all", "bootstrap"] = "all",
         train_users_seed: int = 0,
         length_grouping: int = 0,
+        train_samples: Literal["windows", "prefixes"] = "windows",
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -117,7 +123,7 @@ class RecDataModule(L.LightningDataModule):
         check_options(max_len=max_len, batch_size=batch_size, eval_batch_size=eval_batch_size,
                       min_interactions=min_interactions, duplicates=duplicates, reward_transform=reward_transform,
                       length_grouping=length_grouping, train_users=train_users, eval_min_rating=eval_min_rating,
-                      rating_range=source.rating_range)
+                      rating_range=source.rating_range, train_samples=train_samples)
         self.source = source
         self.max_len = max_len
         self.batch_size = batch_size
@@ -129,6 +135,7 @@ class RecDataModule(L.LightningDataModule):
         self.train_users = train_users
         self.train_users_seed = train_users_seed
         self.length_grouping = length_grouping
+        self.train_samples = train_samples
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._data: Interactions | None = None
@@ -274,30 +281,22 @@ class RecDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- training
     def train_windows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(start, end) of every training window: up to ``max_len + 1`` items, the newest first.
-
-        A user's training sequence ``[s, e)`` yields ``e - s - 1`` next-item targets, cut from the end
-        into windows of ``max_len`` targets; consecutive windows share one item (the older window's
-        last target is the newer window's first input), so every target is used exactly once. With
-        ``train_users: bootstrap`` a user's windows are repeated by the user's count in the resample.
-        """
+        """(start, end) of every training window (up to ``max_len + 1`` items): ``train_samples: windows``
+        cuts each user's training sequence from the end into windows of ``max_len`` targets sharing one item,
+        ``prefixes`` ends one window at each target; every target is used once (``sampling.training_windows``)."""
         if self._windows is None:
-            d = self.data
-            start = d.offsets[:-1]
-            end = d.offsets[1:] - HELD_OUT["val"]
-            n_targets = end - start - 1
-            n_win = np.where(n_targets > 0, -(-n_targets // self.max_len), 0)
-            n_win = n_win * self.train_user_weights()
-            user = np.repeat(np.arange(d.n_users), n_win)
-            k = np.arange(n_win.sum()) - np.repeat(np.cumsum(n_win) - n_win, n_win)  # window index within user
-            if self.train_users == "bootstrap":  # a user drawn c times: windows 0..w-1, c times over
-                k = k % np.maximum(-(-n_targets // self.max_len), 1)[user]
-            w_end = end[user] - k * self.max_len
-            w_start = np.maximum(start[user], w_end - self.max_len - 1)
-            self._windows = (w_start, w_end)
+            per_window, o = (self.max_len if self.train_samples == "windows" else 1), self.data.offsets
+            w_start, w_end = training_windows(o[:-1], o[1:] - HELD_OUT["val"], self.max_len, per_window,
+                                              self.train_user_weights(), self.train_users == "bootstrap")
             if len(w_start) == 0:
                 raise RecpostError(f"{self.source.name}: no training targets (every user has < 2 training interactions)")
+            self._windows = (w_start, w_end)
         return self._windows
+
+    def train_window_targets(self) -> np.ndarray:
+        """Next-item targets of each training window: ``end - start - 1``, or 1 for ``prefixes``."""
+        w_start, w_end = self.train_windows()
+        return np.ones_like(w_start) if self.train_samples == "prefixes" else w_end - w_start - 1
 
     def train_batch(self, windows: Sequence[int]) -> TrainBatch:
         """The training batch of the given window indices (rows of ``train_windows``); see ``TrainBatch``."""
@@ -311,6 +310,8 @@ class RecDataModule(L.LightningDataModule):
         timestamps = gather_left_padded(d.timestamp, s, e, width)  # [B, W]
         inputs, targets = items[:, :-1], items[:, 1:]
         targets = np.where(inputs > 0, targets, 0)  # the first item of a window is input only
+        if self.train_samples == "prefixes":  # one target per sample: the window's last item
+            targets[:, :-1] = 0
         target_ratings = np.where(targets > 0, ratings[:, 1:], 0.0)
         rewards = np.where(targets > 0, self.rewards(target_ratings), 0.0)  # no reward without a target
         user_start = d.offsets[np.searchsorted(d.offsets, s, side="right") - 1]  # [B]

@@ -1,4 +1,7 @@
-"""Length-grouped training order: batches of windows of similar length, so that little of an epoch's
+"""Training samples: how users' sequences are cut into windows (``training_windows``) and the
+length-grouped order of those windows.
+
+Length-grouped training order: batches of windows of similar length, so that little of an epoch's
 compute goes to padding (a batch is padded to its longest window).
 
 The idea of Hugging Face's ``LengthGroupedSampler`` (``group_by_length``) and fairseq's bucketing,
@@ -55,3 +58,23 @@ class LengthGroupedSampler(Sampler[int]):
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
         batches = self.batches(np.random.default_rng(seed))
         return iter(np.concatenate(batches).tolist() if batches else [])
+
+
+def training_windows(start: np.ndarray, end: np.ndarray, max_len: int, per_window: int,
+                     user_weights: np.ndarray, bootstrap: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of every training window over users' training sequences ``[start, end)``.
+
+    Each sequence's ``end - start - 1`` targets are cut from the end into windows of ``per_window``
+    targets (``max_len``: consecutive windows sharing one item; 1: one window per target, ending at it),
+    each with up to ``max_len`` inputs before its targets. A user's windows are repeated by
+    ``user_weights`` (the bootstrap resample's counts, else ones).
+    """
+    n_targets = np.maximum(end - start - 1, 0)
+    n_user = -(-n_targets // per_window)  # windows per user
+    n_win = n_user * user_weights
+    user = np.repeat(np.arange(len(start)), n_win)
+    k = np.arange(n_win.sum()) - np.repeat(np.cumsum(n_win) - n_win, n_win)  # window index within user
+    if bootstrap:  # a user drawn c times: windows 0..w-1, c times over
+        k = k % np.maximum(n_user, 1)[user]
+    w_end = end[user] - k * per_window
+    return np.maximum(start[user], w_end - max_len - 1), w_end

@@ -96,7 +96,7 @@ def _first_non_numeric(values: pa.ChunkedArray) -> str:
 def check_options(
     *, max_len: int, batch_size: int, eval_batch_size: int, min_interactions: int, duplicates: str,
     reward_transform: str, length_grouping: int, train_users: str, eval_min_rating: float | None,
-    rating_range: tuple[float, float],
+    rating_range: tuple[float, float], train_samples: str = "windows",
 ) -> None:
     """The ``RecDataModule``'s options (``data.*``): one ``RecpostError`` line for the first bad one."""
     if max_len < 2:
@@ -109,6 +109,8 @@ def check_options(
         raise RecpostError(f"data.duplicates must be 'drop' or 'error' (got {duplicates!r})")
     if reward_transform not in ("identity", "centered", "minmax"):
         raise RecpostError(f"data.reward_transform must be 'identity', 'centered' or 'minmax' (got {reward_transform!r})")
+    if train_samples not in ("windows", "prefixes"):
+        raise RecpostError(f"data.train_samples must be 'windows' or 'prefixes', got {train_samples!r}")
     if length_grouping < 0:
         raise RecpostError(f"data.length_grouping must be >= 0 batches per pool (got {length_grouping}); 0 turns it off")
     if train_users not in ("all", "bootstrap"):

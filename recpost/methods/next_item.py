@@ -91,8 +91,7 @@ class NextItemModule(RecModule):
     def set_targets_per_batch(self, datamodule) -> None:
         """``target_norm: dataset``'s divisor from ``datamodule`` (a ``RecDataModule``): the mean number of
         next-item targets of a training window times the batch size (what the start of fit does)."""
-        start, end = datamodule.train_windows()
-        self.targets_per_batch = float(np.mean(end - start - 1)) * datamodule.batch_size
+        self.targets_per_batch = float(np.mean(datamodule.train_window_targets())) * datamodule.batch_size
 
     def reduce_targets(self, losses: torch.Tensor) -> torch.Tensor:
         """The batch's loss from its per-target losses ``[N]`` (already weighted, if the method weighs them),

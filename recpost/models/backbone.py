@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recpost.errors import RecpostError
+
 L2_NORM_EPS = 1e-6  # the reference HSTU code's l2_norm_eps
 
 
@@ -32,6 +34,9 @@ class BackboneConfig:
         n_layers: blocks.
         n_heads: attention heads.
         dropout: dropout on embeddings and on each block's output (SASRec: also inside the FFN).
+        attn_dropout: dropout on the attention weights (SASRec: on the softmax probabilities, as the original
+            SASRec and RecBole; HSTU: on the pointwise attention weights, as the reference's
+            ``attn_dropout_ratio``). Off by default: on CPU it materialises a ``[B, h, L, L]`` mask per layer.
         ff_mult: SASRec's feed-forward width as a multiple of ``d_model``.
         activation: SASRec's feed-forward activation (the original SASRec: ``relu``).
         attention_dim: HSTU's query/key size per head (``null``: ``d_model // n_heads``).
@@ -55,6 +60,7 @@ class BackboneConfig:
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.2
+    attn_dropout: float = 0.0
     ff_mult: int = 4
     activation: Literal["gelu", "relu"] = "gelu"
     attention_dim: int | None = None
@@ -65,6 +71,12 @@ class BackboneConfig:
     temperature: float = 1.0
     use_ratings: bool = False
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("dropout", "attn_dropout"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise RecpostError(f"model.backbone.{key} must be in [0, 1) (a probability of zeroing), got {value}")
 
 
 def _encode_eagerly(backbone: Backbone, items, ratings, timestamps) -> torch.Tensor:

@@ -63,7 +63,7 @@ class HSTUBlock(nn.Module):
     """One sequential transduction unit (see the module docstring)."""
 
     def __init__(self, d_model: int, n_heads: int, attention_dim: int, linear_dim: int, dropout: float,
-                 max_len: int, time_buckets: int | None) -> None:
+                 max_len: int, time_buckets: int | None, attn_dropout: float = 0.0) -> None:
         super().__init__()
         self.n_heads, self.attention_dim, self.linear_dim, self.max_len = n_heads, attention_dim, linear_dim, max_len
         self.uvqk = nn.Parameter(torch.empty(d_model, (2 * linear_dim + 2 * attention_dim) * n_heads).normal_(std=0.02))
@@ -71,6 +71,7 @@ class HSTUBlock(nn.Module):
         nn.init.xavier_uniform_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = nn.Dropout(attn_dropout) if attn_dropout > 0 else nn.Identity()
         self.bias = RelativeBias(max_len, time_buckets)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, relative_position: torch.Tensor,
@@ -81,7 +82,7 @@ class HSTUBlock(nn.Module):
         u, v, q, k = uvqk.split([dv * h, dv * h, dqk * h, dqk * h], dim=-1)
         scores = torch.einsum("bnhd,bmhd->bhnm", q.view(B, L, h, dqk), k.view(B, L, h, dqk))  # [B, h, L, L]
         scores = scores + self.bias(relative_position, buckets).unsqueeze(1)
-        attention = F.silu(scores) / self.max_len * allowed.unsqueeze(1)  # [B, h, L, L]
+        attention = self.attn_dropout(F.silu(scores) / self.max_len * allowed.unsqueeze(1))  # [B, h, L, L]
         values = torch.einsum("bhnm,bmhd->bnhd", attention, v.view(B, L, h, dv)).reshape(B, L, h * dv)
         gated = u * F.layer_norm(values, (h * dv,), eps=LN_EPS)  # [B, L, h dv]
         return x + self.out(self.dropout(gated))
@@ -98,7 +99,7 @@ class HSTU(Backbone):
         self, n_items: int, max_len: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 2,
         attention_dim: int | None = None, linear_dim: int | None = None, dropout: float = 0.2,
         time_bias: bool = True, time_buckets: int = 128, use_ratings: bool = False, similarity: str = "dot",
-        temperature: float = 1.0,
+        temperature: float = 1.0, attn_dropout: float = 0.0,
     ) -> None:
         super().__init__(n_items, d_model, similarity, temperature)
         attention_dim = attention_dim or d_model // n_heads
@@ -111,7 +112,8 @@ class HSTU(Backbone):
         self.rating_proj = nn.Linear(1, d_model) if use_ratings else None
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            HSTUBlock(d_model, n_heads, attention_dim, linear_dim, dropout, max_len, time_buckets if time_bias else None)
+            HSTUBlock(d_model, n_heads, attention_dim, linear_dim, dropout, max_len, time_buckets if time_bias else None,
+                      attn_dropout)
             for _ in range(n_layers)
         )
         self.final_ln = nn.LayerNorm(d_model)
@@ -128,7 +130,7 @@ class HSTU(Backbone):
             n_items=n_items, max_len=max_len, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
             attention_dim=cfg.attention_dim, linear_dim=cfg.linear_dim, dropout=cfg.dropout, time_bias=cfg.time_bias,
             time_buckets=cfg.time_buckets, use_ratings=cfg.use_ratings, similarity=cfg.similarity,
-            temperature=cfg.temperature,
+            temperature=cfg.temperature, attn_dropout=cfg.attn_dropout,
         )
 
     def encode(

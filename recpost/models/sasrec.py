@@ -15,8 +15,10 @@ from recpost.models.backbone import Backbone, BackboneConfig, compiled_encode
 class _Block(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + FFN(LN(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, ff_mult: int, activation: str = "gelu") -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float, ff_mult: int, activation: str = "gelu",
+                 attn_dropout: float = 0.0) -> None:
         super().__init__()
+        self.attn_dropout = attn_dropout
         if d_model % n_heads:
             raise RecpostError(f"model.backbone.d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.n_heads = n_heads
@@ -33,9 +35,10 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, L, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        # No dropout on attention probabilities: on CPU it materialises a [B, h, L, L] Bernoulli mask and
-        # took 20% of a training step; dropout on embeddings, residuals and the FFN regularises enough.
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [B, h, L, d/h]
+        # Dropout on attention probabilities is off by default (attn_dropout 0): on CPU it materialises a
+        # [B, h, L, L] Bernoulli mask and took 20% of a training step.
+        p = self.attn_dropout if self.training else 0.0
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # [B, h, L, d/h]
         x = x + self.dropout(self.proj(att.transpose(1, 2).reshape(B, L, d)))
         return x + self.dropout(self.ff(self.ln2(x)))
 
@@ -52,7 +55,7 @@ class SASRec(Backbone):
     def __init__(
         self, n_items: int, max_len: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 2,
         dropout: float = 0.2, ff_mult: int = 4, use_ratings: bool = False, activation: str = "gelu",
-        similarity: str = "dot", temperature: float = 1.0,
+        similarity: str = "dot", temperature: float = 1.0, attn_dropout: float = 0.0,
     ) -> None:
         super().__init__(n_items, d_model, similarity, temperature)
         self.max_len = max_len
@@ -60,7 +63,7 @@ class SASRec(Backbone):
         self.pos_emb = nn.Embedding(max_len, d_model)
         self.rating_proj = nn.Linear(1, d_model) if use_ratings else None
         self.emb_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout, ff_mult, activation) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout, ff_mult, activation, attn_dropout) for _ in range(n_layers))
         self.final_ln = nn.LayerNorm(d_model)
         self.apply(self._init_weights)
 
@@ -69,7 +72,7 @@ class SASRec(Backbone):
         return cls(
             n_items=n_items, max_len=max_len, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
             dropout=cfg.dropout, ff_mult=cfg.ff_mult, use_ratings=cfg.use_ratings, activation=cfg.activation,
-            similarity=cfg.similarity, temperature=cfg.temperature,
+            similarity=cfg.similarity, temperature=cfg.temperature, attn_dropout=cfg.attn_dropout,
         )
 
     @staticmethod
