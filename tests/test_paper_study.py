@@ -172,6 +172,16 @@ def test_bad_paper_study_configs_are_one_clear_error(tmp_path, tiny_config, body
         load_study(str(cfg))
 
 
+def test_rs_dpo_without_its_ensemble_is_refused_rather_than_run_as_plain_dpo(tmp_path, tiny_config):
+    # configs/method/rs_dpo.yaml asks for an ensemble (reward_ensemble: []); a study that gives it none would
+    # otherwise hand it the study's reward model and train plain DPO under the name rs_dpo.
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"name: bad\npretrain_config: {tiny_config}\nreward_model:\n  config: {ROOT / 'configs/method/reward_model.yaml'}\n"
+                   "methods:\n  rs_dpo: {}\n")
+    with pytest.raises(RecpostError, match=re.escape("reward_ensemble needs at least 2 RewardModel checkpoints (got 0)")):
+        load_study(str(cfg))
+
+
 def test_quick_without_a_quick_section_is_refused(tmp_path, tiny_config):
     cfg = tmp_path / "study.yaml"
     cfg.write_text(f"name: q\npretrain_config: {tiny_config}\nmethods:\n  sft: {{}}\n")

@@ -183,9 +183,10 @@ class DPO(PolicyModule):
         require(ensemble is None or isinstance(ensemble, (list, tuple)),
                 f"model.reward_ensemble must be a list of RewardModel checkpoints (got {ensemble!r}); "
                 "e.g. --model.init_args.reward_ensemble '[rm0.ckpt, rm1.ckpt, rm2.ckpt]'")
-        require(not ensemble or len(ensemble) >= 2,
+        require(ensemble is None or len(ensemble) >= 2,  # [] (configs/method/rs_dpo.yaml): asked for, not given
                 f"model.reward_ensemble needs at least 2 RewardModel checkpoints (got {len(ensemble or [])}); "
-                "train reward models with different seeds, or use model.reward_model alone")
+                "train reward models with different seeds (in an experiment: methods.<name>.reward_ensemble: "
+                "{count: 3}), or use model.reward_model alone (configs/method/dpo.yaml)")
         paths = [Path(str(p)).expanduser().resolve() for p in ensemble or []]
         twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
         require(twice is None, f"model.reward_ensemble lists {twice} twice; its models must be trained independently "
