@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from recpost.errors import RecpostError
-from recpost.models import BackboneConfig, RatingHead, RatingModel, build_backbone, freeze
+from recpost.models import Backbone, BackboneConfig, RatingHead, RatingModel, build_backbone, freeze
 
 TRAIN_A_REWARD_MODEL = (
     "a reward model is needed: train one with `recpost fit --config <pretrain.yaml> --config "
@@ -214,3 +214,26 @@ def load_reward_model(path: str | Path, item_map_hash: str, what: str = "model.r
     except RuntimeError as exc:
         raise RecpostError(f"{what}: {ckpt_path} does not match its own hyperparameters ({str(exc).splitlines()[0]})") from None
     return freeze(model)
+
+
+def load_policy(path: str | Path, item_map_hash: str, what: str = "--policy") -> tuple[Backbone, dict[str, Any]]:
+    """A frozen policy backbone (eval mode: no dropout) from the checkpoint of any next-item method (SFT,
+    ExpSFT, PPO, DPO, ...) and the checkpoint's hyperparameters (``mask_history`` among them). One-line
+    ``RecpostError`` when the file is missing, is a reward model, holds no matching backbone or was trained
+    on another item catalog than ``item_map_hash``."""
+    ckpt_path = Path(path).expanduser()
+    ckpt = read_checkpoint(path, what)
+    hp = dict(ckpt.get("hyper_parameters", {}))
+    if "prior_count" in hp:
+        raise RecpostError(f"{what}: {ckpt_path} is a reward model (it predicts ratings, not next items); pass a "
+                           "policy: SFT, ExpSFT, PPO or DPO")
+    if "n_items" not in hp or "max_len" not in hp:
+        raise RecpostError(f"{what}: {ckpt_path} has no n_items / max_len hyperparameters; {PASS_A_FIT_CHECKPOINT}")
+    check_catalog(hp, item_map_hash, f"{what}: {ckpt_path}")
+    backbone = build_backbone(backbone_config(hp), n_items=hp["n_items"], max_len=hp["max_len"])
+    try:
+        backbone.load_state_dict(weights_under(ckpt["state_dict"], "backbone."), strict=True)
+    except RuntimeError as exc:
+        raise RecpostError(f"{what}: {ckpt_path} does not match its own backbone config "
+                           f"({str(exc).splitlines()[0]}); is it a recpost checkpoint?") from None
+    return freeze(backbone), hp

@@ -11,7 +11,9 @@ import torch
 from recpost.data.simulator import BanditWorld
 from recpost.errors import RecpostError
 from recpost.evaluation.bounds import additive_lower_bound, eps, lambda_for_loss, tilted_lower_bound, vacuous
-from recpost.evaluation.off_policy import direct_method, doubly_robust, ips, policy_expectation, snips
+from recpost.evaluation.off_policy import (
+    direct_method, doubly_robust, ips, kendall_tau, policy_expectation, ranking_agreement, snips,
+)
 
 
 # ----------------------------------------------------------------------------------- bounds
@@ -140,6 +142,32 @@ def test_estimators_recover_a_policy_value_in_the_bandit_world():
     assert est_dr.stderr < 0.5 * est_ips.stderr  # the direct model removes most of the variance
 
 
+def test_kendall_tau_by_hand():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert kendall_tau(a, a.exp()) == 1.0 and kendall_tau(a, -a) == -1.0
+    # one swapped pair of 6: (5 - 1) / 6
+    assert kendall_tau(a, torch.tensor([2.0, 1.0, 3.0, 4.0])) == pytest.approx(4 / 6)
+    # tau-b with a tie in b: 5 concordant, 0 discordant, sqrt(6 * 5)
+    assert kendall_tau(a, torch.tensor([1.0, 1.0, 3.0, 4.0])) == pytest.approx(5 / math.sqrt(30))
+    assert math.isnan(kendall_tau(a, torch.ones(4))) and math.isnan(kendall_tau(a[:1], a[:1]))
+
+
+def test_kendall_tau_is_scipys():
+    stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 4, (12,), generator=gen).double(), torch.randint(0, 5, (12,), generator=gen).double()
+    assert kendall_tau(a, b) == pytest.approx(stats.kendalltau(a.numpy(), b.numpy()).statistic, abs=1e-12)
+
+
+def test_ranking_agreement_of_an_estimator_that_swaps_the_two_best_policies():
+    true = torch.tensor([3.0, 3.5, 4.0])
+    out = ranking_agreement(torch.tensor([3.1, 4.2, 4.1]), true)
+    assert out == {"kendall_tau": pytest.approx(1 / 3), "pairs_in_order": pytest.approx(2 / 3), "best_found": 0.0}
+    assert ranking_agreement(true + 1, true) == {"kendall_tau": 1.0, "pairs_in_order": 1.0, "best_found": 1.0}
+    nan_estimate = ranking_agreement(torch.tensor([math.nan, 1.0, 2.0]), true)  # e.g. SNIPS with all weights 0
+    assert nan_estimate["pairs_in_order"] == pytest.approx(1 / 3) and nan_estimate["best_found"] == 1.0
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: ips(torch.ones(3), torch.ones(2), torch.ones(3)), "must be aligned"),
     (lambda: ips(torch.ones(2), torch.ones(2), torch.tensor([0.5, 0.0])), "behavior_prob must be in \\(0, 1\\]"),
@@ -147,6 +175,8 @@ def test_estimators_recover_a_policy_value_in_the_bandit_world():
     (lambda: ips(torch.tensor([1.0, math.nan]), torch.ones(2), torch.ones(2)), "reward has NaN"),
     (lambda: ips(torch.ones(0), torch.ones(0), torch.ones(0)), "no logged samples"),
     (lambda: policy_expectation(torch.ones(2, 3), torch.ones(2, 4)), "must both be \\[N, A\\]"),
+    (lambda: kendall_tau(torch.ones(2), torch.ones(3)), "kendall_tau: a and b must be aligned"),
+    (lambda: ranking_agreement(torch.ones(2), torch.ones(3)), "ranking_agreement: estimated and true must be aligned"),
 ])
 def test_bad_off_policy_input_is_one_clear_line(call, message):
     with pytest.raises(RecpostError, match=message) as exc:

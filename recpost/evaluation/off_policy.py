@@ -17,6 +17,11 @@ Each returns an :class:`Estimate`: the value, its standard error (the sample std
 terms over ``sqrt(N)``; the delta method for SNIPS) and the Kish effective sample size of the
 weights, ``(sum w)^2 / sum w^2``, which says how many logs the estimate really rests on.
 
+Whether an estimator would have picked the right policies is :func:`ranking_agreement` of its
+estimates against the true values: Kendall's tau-b (:func:`kendall_tau`, a few lines here rather than
+scipy, which recpost does not depend on), the share of pairs put in the true order, and whether the
+best policy is the truly best one.
+
 Why not Open Bandit Pipeline: its estimators (``obp.ope``) are these same few lines over flat
 ``[N, A, positions]`` action distributions; its current release (0.5.7) does not install on Python
 3.11, and the older 0.4.1 pulls scikit-learn, pandas and seaborn in. Here the action set is a whole
@@ -134,3 +139,41 @@ def policy_expectation(probs: torch.Tensor, values: torch.Tensor) -> torch.Tenso
         raise RecpostError(f"policy_expectation: probs and values must both be [N, A], got {tuple(probs.shape)} and "
                            f"{tuple(values.shape)}")
     return (probs.double() * values.double()).sum(-1)
+
+
+def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Kendall's tau-b of aligned ``a [N]`` and ``b [N]``: ``(concordant - discordant)`` pairs over
+    ``sqrt((pairs - ties in a) (pairs - ties in b))``, so ties count as neither (scipy's ``kendalltau``);
+    NaN for fewer than two values, a constant side or a NaN value. ``O(N^2)``: for a handful of policies."""
+    a, b = torch.as_tensor(a).double().flatten(), torch.as_tensor(b).double().flatten()
+    if len(a) != len(b):
+        raise RecpostError(f"kendall_tau: a and b must be aligned, got lengths {len(a)} and {len(b)}")
+    upper = torch.triu(torch.ones(len(a), len(a), dtype=torch.bool), diagonal=1)  # each pair once
+    da, db = torch.sign(a[:, None] - a[None, :])[upper], torch.sign(b[:, None] - b[None, :])[upper]
+    untied_a, untied_b = float((da != 0).sum()), float((db != 0).sum())
+    if untied_a == 0 or untied_b == 0:
+        return math.nan
+    return float((da * db).sum()) / math.sqrt(untied_a * untied_b)
+
+
+def ranking_agreement(estimated: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    """How well ``estimated [P]`` values of ``P`` policies rank them against their ``true [P]`` values.
+
+    Returns ``kendall_tau`` (tau-b), ``pairs_in_order`` (the share of the pairs the truth orders strictly
+    that the estimates order the same way; a NaN estimate orders nothing) and ``best_found`` (1.0 when
+    the policy with the highest estimate has the highest true value, else 0.0; NaN without policies).
+    """
+    estimated, true = torch.as_tensor(estimated).double().flatten(), torch.as_tensor(true).double().flatten()
+    if len(estimated) != len(true):
+        raise RecpostError(f"ranking_agreement: estimated and true must be aligned, got lengths {len(estimated)} "
+                           f"and {len(true)}")
+    upper = torch.triu(torch.ones(len(true), len(true), dtype=torch.bool), diagonal=1)
+    d_true = torch.sign(true[:, None] - true[None, :])[upper]
+    d_est = torch.sign(estimated[:, None] - estimated[None, :])[upper]  # NaN where an estimate is NaN
+    ordered = d_true != 0
+    in_order = float((d_est[ordered] == d_true[ordered]).double().mean()) if bool(ordered.any()) else math.nan
+    finite = torch.isfinite(estimated)
+    best = math.nan
+    if len(true) and bool(finite.any()):
+        best = float(true[estimated.masked_fill(~finite, -math.inf).argmax()] == true.max())
+    return {"kendall_tau": kendall_tau(estimated, true), "pairs_in_order": in_order, "best_found": best}
