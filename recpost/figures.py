@@ -189,6 +189,37 @@ def weight_distribution(rewards: np.ndarray, lams: list[float], path: Path) -> P
     return _save(fig, path)
 
 
+def heatmaps(panels: dict[str, dict[tuple, float]], axes: tuple[str, str], ticks: tuple[list, list], title: str,
+             value_label: str, path: Path) -> Path | None:
+    """One heatmap per panel (``panels``: its title -> ``{(x, y): value}``, NaN or absent for a cell without a
+    result) over ``ticks`` of the two ``axes``, each cell written, colours centred on 0 with one scale for the
+    whole figure (blue above 0, red below). Returns the path, or None when no cell has a value."""
+    values = [v for cells in panels.values() for v in cells.values() if not math.isnan(v)]
+    if not values:
+        return None
+    bound = max(abs(v) for v in values) or 1.0
+    (x_name, y_name), (xs, ys) = axes, ticks
+    fig, grid = plt.subplots(1, len(panels), figsize=(2.2 + 1.1 * len(xs) * len(panels), 1.6 + 0.8 * len(ys)),
+                             squeeze=False, layout="constrained")
+    for ax, (panel, cells) in zip(grid[0], panels.items()):
+        table = np.array([[cells.get((x, y), math.nan) for x in xs] for y in ys], dtype=float)  # [len(ys), len(xs)]
+        image = ax.imshow(np.ma.masked_invalid(table), cmap="RdBu", vmin=-bound, vmax=bound, origin="lower", aspect="auto")
+        for (i, j), v in np.ndenumerate(table):
+            ax.text(j, i, "-" if math.isnan(v) else f"{v:+.3f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(v) > 0.6 * bound else "black")  # readable on the darkest cells
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_yticks(range(len(ys)), [str(y) for y in ys] if ax is grid[0][0] else [])
+        ax.set_xlabel(x_name)
+        ax.set_title(panel, fontsize=9)
+    grid[0][0].set_ylabel(y_name)
+    fig.colorbar(image, ax=list(grid[0]), label=value_label, shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)  # not _save: its tight_layout would undo the constrained layout of the colour bar
+    plt.close(fig)
+    return path
+
+
 def write_all(rows: list[dict], folder: Path, curve_labels: Mapping[str, str] | None = None) -> list[Path]:
     """Every figure the result rows allow: metric vs lambda, and PPO / DPO training curves
     (``curve_labels``: each method's x-axis label, see :func:`training_curves`)."""

@@ -10,28 +10,35 @@ with ``eval_min_rating``, a second test over every target). Every stage is a nor
 The steps, one module each: :mod:`.study` reads and checks the config (each stage's settings through
 its method class: :mod:`.settings`), :mod:`.plan` turns it into stages and their command lines,
 :mod:`.runner` runs them (reusing finished ones), :mod:`.report` writes the tables and figures;
-:mod:`.tracking` holds the W&B parts.
+:mod:`.tracking` holds the W&B parts. A config with ``worlds:`` is a regime map (:mod:`.regimes`): the
+same study once per simulated world, each in its own folder, then :mod:`.regime_report` across worlds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from recpost.experiment.plan import Plan, Stage, build_plan
-from recpost.experiment.report import Report, write_results
 from recpost.data import RecDataModule
+from recpost.experiment.plan import Plan, Stage, build_plan
+from recpost.experiment.regime_report import write_regime_results
+from recpost.experiment.regimes import RegimeMap, World, is_regime_map, load_regime_map, write_world_config
+from recpost.experiment.report import Report, write_results
 from recpost.experiment.runner import Runner, best_validation, check_output_dir, claim_output_dir, lock_output_dir
 from recpost.experiment.stats import paired_bootstrap
 from recpost.experiment.study import DEFAULT_CONFIG, JudgeSpec, MethodSpec, RewardModelSpec, Study, load_study
 from recpost.experiment.tracking import log_results, wandb_mode
 
-__all__ = ["DEFAULT_CONFIG", "JudgeSpec", "MethodSpec", "Plan", "RewardModelSpec", "Runner", "Stage", "Study", "best_validation",
-           "build_plan", "experiment", "load_study", "paired_bootstrap", "wandb_mode", "write_results"]
+__all__ = ["DEFAULT_CONFIG", "JudgeSpec", "MethodSpec", "Plan", "RegimeMap", "RewardModelSpec", "Runner", "Stage", "Study",
+           "World", "best_validation", "build_plan", "experiment", "load_regime_map", "load_study", "paired_bootstrap",
+           "run_plan", "run_regime_map", "wandb_mode", "write_regime_results", "write_results"]
 
 
 def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seeds: int | None = None,
                dry_run: bool = False, quick: bool = False) -> Path:
     """Run the whole study of an experiment config and write its results tables and figures.
+
+    A config with a ``worlds:`` section (a regime map, e.g. ``configs/experiments/sim_regimes.yaml``) runs the
+    study once per simulated world, each in ``<output_dir>/<world>/``, then writes ``regimes.md``.
 
     Args:
         config: experiment YAML (``configs/experiments/<name>.yaml``).
@@ -40,14 +47,46 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
         seeds: number of seeds (0..N-1); overrides the config's ``seeds`` (and its ``quick:`` section's).
         dry_run: print every stage with its commands (``--dry-run``) and run nothing.
         quick: the config's ``quick:`` scale-down (``--quick``): fewer seeds, epochs, grid points and judges,
-            every method and stage kept.
+            every method and stage kept (a regime map: fewer worlds too).
     """
+    if is_regime_map(config):
+        return run_regime_map(config, output_dir, seeds, dry_run, quick)
     study = load_study(config, quick=quick)  # every stage's settings checked: a bad grid value stops here
     plan = build_plan(study, Path(output_dir or f"runs/experiments/{study.name}"), seeds)
     check_output_dir(plan)
     if dry_run:
         print(plan.describe(), flush=True)
         return plan.out
+    run_plan(plan)
+    print(f"results: {plan.out / 'results.md'}", flush=True)
+    return plan.out
+
+
+def run_regime_map(config: str, output_dir: str | None = None, seeds: int | None = None, dry_run: bool = False,
+                   quick: bool = False) -> Path:
+    """The study of a regime map in each of its worlds, one after the other, then the table across worlds
+    (rewritten after each world, so a long map shows its finished worlds)."""
+    regimes = load_regime_map(config, quick=quick)  # every world and every stage checked before anything runs
+    out = Path(output_dir or f"runs/experiments/{regimes.name}")
+    plans = regimes.plans(out, seeds)
+    for plan in plans:
+        check_output_dir(plan)
+    if dry_run:
+        print(regimes.describe(plans), flush=True)
+        return out
+    for world, plan in zip(regimes.worlds, plans):
+        print(f"=== world {world.name} ({world.label}) into {plan.out}", flush=True)
+        with lock_output_dir(plan.out):  # the world's settings change only while no other runner uses its folder
+            write_world_config(plan.study, world)
+        run_plan(plan)
+        write_regime_results(regimes, out)
+    print(f"results: {out / 'regimes.md'}", flush=True)
+    return out
+
+
+def run_plan(plan: Plan) -> None:
+    """Run every stage of ``plan`` (finished ones reused) and write its results tables and figures."""
+    study = plan.study
     with lock_output_dir(plan.out):
         claim_output_dir(plan)
         # The data every stage reads, checked and cached once, before the first stage: a bad file, column or
@@ -61,5 +100,3 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
             report.finish()
             if runner.wandb is not None:
                 log_results(runner.wandb, runner.wandb_mode, study.name, plan.out, runner.say)
-    print(f"results: {plan.out / 'results.md'}", flush=True)
-    return plan.out

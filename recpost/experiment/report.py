@@ -3,6 +3,10 @@
 Model selection is on validation only: each run keeps its best ``val/<monitor>`` epoch, and for each
 method the setting with the best mean validation metric over seeds is marked ``chosen``. Test
 metrics are read once, from the chosen runs and all others alike, never used to choose.
+
+On the simulator a second choice is made as an ablation, marked ``oracle_chosen``: each method's setting
+chosen on the true reward of the validation top 10 (:data:`ORACLE_MONITOR`), which no real dataset has.
+Its table beside the main one says how much the offline selection metric costs each method.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ JUDGE_NOTE = ("`judge_reward@10`: the judges' mean predicted rating of the top 1
 ALL_TARGETS_NOTE = ("`val/` and `test/`: only the users whose held-out target is rated >= the study's "
                     "`eval_min_rating` (the paper's protocol; settings and epochs chosen on it); `test_all/`: the "
                     "same checkpoints tested on every user's target.")
+# The oracle selection metric (simulator only) and the test metrics its table compares.
+ORACLE_MONITOR = "val/true_reward@10"
+ORACLE_METRICS = ["test/true_reward@10", "test/true_reward_sampled"]
 ONE_SEED_NOTE = ("With one seed an interval resamples test users only, not training runs (their seed-to-seed "
                  "variance is not in it), so no difference is marked `*`; run `--seeds 2` or more for significance marks.")
 
@@ -90,8 +97,12 @@ def write_results(rows: list[dict], out: Path, monitor: str, mode: str = "max", 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], json.dumps(r["setting"], sort_keys=True)), []).append(r)
-    _choose([r for r in rows if r["method"] not in RM_METHODS],
-            {k: v for k, v in groups.items() if k[0] not in RM_METHODS}, monitor, mode)
+    policy_rows = [r for r in rows if r["method"] not in RM_METHODS]
+    policy = {k: v for k, v in groups.items() if k[0] not in RM_METHODS}
+    _choose(policy_rows, policy, monitor, mode)
+    oracle = monitor != ORACLE_MONITOR and any(ORACLE_MONITOR in r for r in policy_rows)
+    if oracle:
+        _choose(policy_rows, policy, ORACLE_MONITOR, "max", flag="oracle_chosen")
     for r in rows:
         r.setdefault("chosen", r["method"] in RM_METHODS)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
@@ -103,6 +114,8 @@ def write_results(rows: list[dict], out: Path, monitor: str, mode: str = "max", 
             w.writerow([r["method"], json.dumps(r["setting"]), r["seed"], r["status"], r["chosen"],
                         *[r.get(k, "") for k in keys]])
     lines = _policy_table(rows, groups, monitor, mode, per_user, reference)
+    if oracle:
+        lines += ["", *_oracle_table(policy, monitor)]
     rm_rows = [r for r in rows if r["method"] in RM_METHODS]
     if rm_rows:
         lines += ["", *_rm_table(rm_rows), *_rm_error_correlation(per_user)]
@@ -131,8 +144,8 @@ def _read_per_user(path: str | None) -> dict[int, dict[str, float]]:
         return {int(r["user_index"]): {k: float(v) for k, v in r.items() if k != "user_index"} for r in csv.DictReader(fh)}
 
 
-def _choose(rows: list[dict], groups: dict, monitor: str, mode: str) -> None:
-    """Mark each method's setting with the best mean validation metric over seeds as ``chosen``."""
+def _choose(rows: list[dict], groups: dict, monitor: str, mode: str, flag: str = "chosen") -> None:
+    """Mark each method's setting with the best mean validation metric over seeds as ``chosen`` (``flag``)."""
     best: dict[str, tuple[float, str]] = {}
     for (method, setting), rs in groups.items():
         vals = [r[monitor] for r in rs if r["status"] == "ok" and monitor in r]
@@ -141,7 +154,37 @@ def _choose(rows: list[dict], groups: dict, monitor: str, mode: str) -> None:
             if method not in best or (score > best[method][0] if mode == "max" else score < best[method][0]):
                 best[method] = (score, setting)
     for r in rows:
-        r["chosen"] = best.get(r["method"], (None, None))[1] == json.dumps(r["setting"], sort_keys=True)
+        r[flag] = best.get(r["method"], (None, None))[1] == json.dumps(r["setting"], sort_keys=True)
+
+
+def _oracle_table(policy: dict, monitor: str) -> list[str]:
+    """Per method, the setting chosen on ``monitor`` and the one chosen on :data:`ORACLE_MONITOR`, with their
+    test true rewards (mean ± std over seeds) and the difference of the means: what choosing offline costs."""
+    cols = [c for c in ORACLE_METRICS if any(c in r for rs in policy.values() for r in rs)]
+    header = ["method", f"setting chosen on {monitor}", f"setting chosen on {ORACLE_MONITOR}",
+              *[f"{c} {how}" for c in cols for how in ("(offline choice)", "(oracle choice)", "Δ (oracle − offline)")]]
+    lines = [f"Oracle selection ({ORACLE_MONITOR}, the simulator's true reward of the validation top 10) — not "
+             f"available offline: each method's setting chosen on it instead of {monitor} (each run's epoch is still "
+             f"the one {monitor} chose, the checkpoint tested). Δ is what choosing on {monitor} costs the method.", "",
+             f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for method in dict.fromkeys(m for m, _ in policy):
+        picked = [next((k for k, rs in policy.items() if k[0] == method and rs[0].get(flag)), None)
+                  for flag in ("chosen", "oracle_chosen")]
+        cells = [_setting_text(k) for k in picked]
+        for c in cols:
+            values = [[r.get(c, math.nan) for r in policy[k] if r["status"] == "ok"] if k else [] for k in picked]
+            means = [statistics.mean(v) if (v := [x for x in vs if not math.isnan(x)]) else math.nan for vs in values]
+            diff = means[1] - means[0]
+            cells += [fmt(values[0]), fmt(values[1]), "-" if math.isnan(diff) else f"{diff:+.4f}"]
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    return lines
+
+
+def _setting_text(key: tuple | None) -> str:
+    """A group's setting as ``lam=0.5, ...`` (``-`` for the default setting, ``none`` for no group)."""
+    if key is None:
+        return "none"
+    return ", ".join(f"{k}={v}" for k, v in json.loads(key[1]).items()) or "-"
 
 
 def _policy_table(rows, groups, monitor, mode, per_user, reference) -> list[str]:

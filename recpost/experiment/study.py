@@ -130,11 +130,12 @@ class Study:
     eval_min_rating: float | None = None  # the paper's protocol for the policies; all targets tested as well
     backbone_config: Path | None = None
     wandb: dict | None = field(default_factory=dict)
+    world_config: Path | None = None  # a regime map's simulated world (``data:`` settings), composed last
 
     @property
     def base_configs(self) -> list[Path]:
-        """The config files every stage starts from, in the order they compose (pretrain, backbone, data)."""
-        return [self.pretrain_config, *(p for p in (self.backbone_config, self.data_config) if p)]
+        """The config files every stage starts from, in the order they compose (pretrain, backbone, data, world)."""
+        return [self.pretrain_config, *(p for p in (self.backbone_config, self.data_config, self.world_config) if p)]
 
     @property
     def ensemble_size(self) -> int:
@@ -145,11 +146,21 @@ class Study:
 def load_study(path: str, quick: bool = False) -> Study:
     """Read and check an experiment YAML; raises :class:`RecpostError` with one line on the first mistake.
     ``quick``: apply its ``quick:`` section (the study scaled down, every method and stage kept)."""
-    cfg_path = _resolve(path, Path.cwd())
+    cfg_path = resolve_path(path, Path.cwd())
+    return parse_study(read_config(cfg_path), cfg_path, quick)
+
+
+def read_config(cfg_path: Path) -> dict:
+    """The experiment YAML at ``cfg_path`` as a mapping (a regime map reads it too, then drops ``worlds``)."""
     raw = yaml.safe_load(cfg_path.read_text()) or {}
-    base = cfg_path.parent
     if not isinstance(raw, dict):
         raise RecpostError(f"{cfg_path}: an experiment config is a mapping (name, pretrain_config, methods, ...)")
+    return raw
+
+
+def parse_study(raw: dict, cfg_path: Path, quick: bool = False) -> Study:
+    """:func:`load_study` of a config already read (``raw``; its paths are relative to ``cfg_path``)."""
+    base = cfg_path.parent
     _keys(raw, STUDY_KEYS, str(cfg_path))
     if "pretrain_config" not in raw or not raw.get("methods"):
         raise RecpostError(f"{cfg_path}: needs pretrain_config and at least one entry under methods")
@@ -168,7 +179,7 @@ def load_study(path: str, quick: bool = False) -> Study:
     if raw.get("reward_model"):
         spec = raw["reward_model"]
         _keys(spec, RM_KEYS, f"{cfg_path}: reward_model")
-        rm = RewardModelSpec(_resolve(spec.get("config", "configs/method/reward_model.yaml"), base),
+        rm = RewardModelSpec(resolve_path(spec.get("config", "configs/method/reward_model.yaml"), base),
                              spec.get("epochs"), list(spec.get("overrides", [])), bool(spec.get("evaluator", False)))
     needing = [m.name for m in methods if any(m.needs_reward_model(s) for s in m.settings())]
     if needing and rm is None:
@@ -189,18 +200,18 @@ def load_study(path: str, quick: bool = False) -> Study:
     if eval_min_rating is not None and not rating:
         raise RecpostError(f"{cfg_path}: eval_min_rating must be a rating (e.g. 4.5, the paper's protocol) or null "
                            f"(got {eval_min_rating!r})")
-    _check_stage_settings(cfg_path, _resolve(raw["pretrain_config"], base), list(raw.get("pretrain_overrides", [])),
+    _check_stage_settings(cfg_path, resolve_path(raw["pretrain_config"], base), list(raw.get("pretrain_overrides", [])),
                           list(raw.get("posttrain_overrides", [])), methods, rm, judges)
     data_config = _data_config(raw.get("data"), cfg_path)
     backbone_config = _named_config("backbone", raw.get("backbone"), cfg_path)
     pretrained = raw.get("pretrained") or []
-    pretrained = [_resolve(p, base) for p in ([pretrained] if isinstance(pretrained, str) else pretrained)]
+    pretrained = [resolve_path(p, base) for p in ([pretrained] if isinstance(pretrained, str) else pretrained)]
     wandb = raw.get("wandb", {})
     if wandb not in (False, None) and not isinstance(wandb, dict):
         raise RecpostError(f"{cfg_path}: wandb must be false or a mapping (project, entity, group)")
     return Study(
         name=raw.get("name", cfg_path.stem) + (QUICK_SUFFIX if quick else ""),
-        pretrain_config=_resolve(raw["pretrain_config"], base), methods=methods, path=cfg_path, data_config=data_config, pretrained=pretrained,
+        pretrain_config=resolve_path(raw["pretrain_config"], base), methods=methods, path=cfg_path, data_config=data_config, pretrained=pretrained,
         seeds=int(raw.get("seeds", 1)), posttrain_epochs=int(raw.get("posttrain_epochs", 10)),
         pretrain_overrides=list(raw.get("pretrain_overrides", [])),
         posttrain_overrides=list(raw.get("posttrain_overrides", [])), monitor=raw.get("monitor", "val/ndcg@10"),
@@ -213,7 +224,7 @@ def load_study(path: str, quick: bool = False) -> Study:
 def _method(name: str, spec: dict, cfg_path: Path) -> MethodSpec:
     _keys(spec, METHOD_KEYS, f"{cfg_path}: methods.{name}")
     if "config" in spec:
-        config = _resolve(spec["config"], cfg_path.parent)
+        config = resolve_path(spec["config"], cfg_path.parent)
     elif (REPO_ROOT / "configs" / "method" / f"{name}.yaml").is_file():
         config = REPO_ROOT / "configs" / "method" / f"{name}.yaml"
     else:
@@ -254,7 +265,7 @@ def _judges(spec: Any, rm: RewardModelSpec | None, cfg_path: Path) -> JudgeSpec 
     if count is None:
         return None
     config = spec.get("config") or (rm.config if rm else "configs/method/reward_model.yaml")
-    return JudgeSpec(count, _resolve(str(config), cfg_path.parent), spec.get("epochs", rm.epochs if rm else None),
+    return JudgeSpec(count, resolve_path(str(config), cfg_path.parent), spec.get("epochs", rm.epochs if rm else None),
                      list(spec.get("overrides", rm.overrides if rm else [])))
 
 
@@ -342,7 +353,7 @@ def _named_config(folder: str, name: Any, cfg_path: Path) -> Path | None:
     if name in _known(folder):
         return REPO_ROOT / "configs" / folder / f"{name}.yaml"
     if name.endswith((".yaml", ".yml")):
-        return _resolve(name, cfg_path.parent)
+        return resolve_path(name, cfg_path.parent)
     raise RecpostError(f"{cfg_path}: unknown {folder} {name!r}; use one of {_known(folder)} or a config path")
 
 
@@ -354,11 +365,11 @@ def _data_config(data: Any, cfg_path: Path) -> Path | None:
     if data in _known("data"):
         return REPO_ROOT / "configs" / "data" / f"{data}.yaml"
     if data.endswith((".yaml", ".yml")):
-        return _resolve(data, cfg_path.parent)
+        return resolve_path(data, cfg_path.parent)
     raise RecpostError(f"{cfg_path}: unknown dataset {data!r}; use one of {_known('data')} or a data config path")
 
 
-def _resolve(path: str, base: Path) -> Path:
+def resolve_path(path: str, base: Path) -> Path:
     """A config path as given, else relative to the experiment file, else to the repository."""
     for candidate in (Path(path), base / path, REPO_ROOT / path):
         if candidate.is_file():
