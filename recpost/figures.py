@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -213,7 +214,7 @@ def heatmaps(panels: dict[str, dict[tuple, float]], axes: tuple[str, str], ticks
         ax.set_title(panel, fontsize=9)
     grid[0][0].set_ylabel(y_name)
     fig.colorbar(image, ax=list(grid[0]), label=value_label, shrink=0.8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 48), fontsize=10)  # a small map's figure is narrower than one title line
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)  # not _save: its tight_layout would undo the constrained layout of the colour bar
     plt.close(fig)
