@@ -230,10 +230,17 @@ def load_policy(path: str | Path, item_map_hash: str, what: str = "--policy") ->
     if "n_items" not in hp or "max_len" not in hp:
         raise RecpostError(f"{what}: {ckpt_path} has no n_items / max_len hyperparameters; {PASS_A_FIT_CHECKPOINT}")
     check_catalog(hp, item_map_hash, f"{what}: {ckpt_path}")
-    backbone = build_backbone(backbone_config(hp), n_items=hp["n_items"], max_len=hp["max_len"])
+    return freeze(policy_backbone(ckpt, f"{what}: {ckpt_path}")), hp
+
+
+def policy_backbone(ckpt: dict, what: str) -> Backbone:
+    """The checkpoint's backbone with its weights, in eval mode (dropout off); ``what`` names the checkpoint
+    in the one-line error when its weights do not fit its own backbone config."""
+    hparams = ckpt.get("hyper_parameters", {})
+    backbone = build_backbone(backbone_config(hparams), n_items=hparams["n_items"], max_len=hparams["max_len"])
     try:
         backbone.load_state_dict(weights_under(ckpt["state_dict"], "backbone."), strict=True)
     except RuntimeError as exc:
-        raise RecpostError(f"{what}: {ckpt_path} does not match its own backbone config "
+        raise RecpostError(f"{what} does not match its own backbone config "
                            f"({str(exc).splitlines()[0]}); is it a recpost checkpoint?") from None
-    return freeze(backbone), hp
+    return backbone.eval()

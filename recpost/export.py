@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from recpost import __version__
-from recpost.checkpoint import backbone_config, check_catalog, read_checkpoint, weights_under
+from recpost.checkpoint import backbone_config, check_catalog, policy_backbone, read_checkpoint
 from recpost.data import RecDataModule
 from recpost.errors import RecpostError
-from recpost.models import Backbone, build_backbone
+from recpost.models import Backbone
 from recpost.pretrained import FORMAT, FORMAT_VERSION, SCORER_INPUTS, ModelFolder
 from recpost.runs import RunFolder
 
@@ -77,7 +77,7 @@ def export(ckpt_path: str, out: str, config: list[str] | str | None = None, over
                            "export a policy: SFT, ExpSFT, PPO or DPO")
     configs = run_configs(ckpt_path, config)
     item_ids = source_item_ids(configs, hparams, ckpt_path)
-    backbone = policy_backbone(ckpt, ckpt_path)
+    backbone = policy_backbone(ckpt, f"--ckpt_path {ckpt_path}")  # eval mode: the program is for inference
     max_len = hparams["max_len"]
     program, inputs = export_scorer(backbone, max_len)
     folder_config = {
@@ -115,18 +115,6 @@ def source_item_ids(configs: list[Path], hparams: dict, ckpt_path: str) -> list[
         raise RecpostError(f"--ckpt_path {ckpt_path} scores {hparams.get('n_items')} items but the data of "
                            f"{[str(c) for c in configs]} has {datamodule.n_items}; pass the run's own config")
     return [str(i) for i in datamodule.original_item_ids(np.arange(1, datamodule.n_items + 1))]
-
-
-def policy_backbone(ckpt: dict, ckpt_path: str) -> Backbone:
-    """The checkpoint's backbone with its weights, in eval mode (dropout off: the exported program is for inference)."""
-    hparams = ckpt.get("hyper_parameters", {})
-    backbone = build_backbone(backbone_config(hparams), n_items=hparams["n_items"], max_len=hparams["max_len"])
-    try:
-        backbone.load_state_dict(weights_under(ckpt["state_dict"], "backbone."), strict=True)
-    except RuntimeError as exc:
-        raise RecpostError(f"--ckpt_path {ckpt_path} does not match its own backbone config "
-                           f"({str(exc).splitlines()[0]}); is it a recpost checkpoint?") from None
-    return backbone.eval()
 
 
 def example_inputs(backbone: Backbone, batch: int, length: int) -> dict[str, torch.Tensor]:
