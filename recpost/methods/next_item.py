@@ -9,7 +9,6 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from recpost.batch import TrainBatch
 from recpost.errors import RecpostError
@@ -132,8 +131,7 @@ class NextItemModule(RecModule):
         hidden, targets = hidden[has_target], batch["next_items"][has_target]  # [N, d], [N]
         rewards = batch["next_rewards"][has_target].float()
         if not self.sampled:
-            logits = self.backbone.score(hidden)  # [N, V + 1], fp32
-            return F.cross_entropy(logits.float(), targets, reduction="none"), rewards
+            return self.backbone.cross_entropy(hidden, targets), rewards  # [N], fp32
         log_q = self._sampler_log_q()
         n_items = self.hparams.n_items
         negatives, log_q_negatives = sample_negatives(self.hparams.num_negatives, n_items, log_q, device=hidden.device)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recpost.errors import RecpostError
+from recpost.models.fused_ce import linear_cross_entropy
 
 L2_NORM_EPS = 1e-6  # the reference HSTU code's l2_norm_eps
 
@@ -142,6 +143,14 @@ class Backbone(nn.Module, ABC):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             hidden, weights = self._scoring(hidden, self.item_weights()[items])
             return (weights * hidden.unsqueeze(-2)).sum(-1)
+
+    def cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Full-softmax next-item cross-entropy ``[N]`` (fp32) of ``hidden [N, d]`` at ``targets [N]``, as
+        ``F.cross_entropy(self.score(hidden), targets)`` but a block of rows at a time (never the ``[N, V]``
+        logits; :mod:`recpost.models.fused_ce`)."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            hidden, weights = self._scoring(hidden, self.item_weights())
+            return linear_cross_entropy(hidden, weights, targets)
 
     def score_columns(self, hidden: torch.Tensor, columns: slice | torch.Tensor) -> torch.Tensor:
         """Logits in fp32 of the same items for every row, in one matmul: ``hidden [..., d]`` -> ``[..., K]``.

@@ -1,0 +1,67 @@
+"""Next-item cross-entropy over the whole catalog without materialising ``[N, n_items + 1]`` logits.
+
+``F.cross_entropy(hidden @ weights.T, targets)`` keeps the logits, their log-softmax and its gradient
+as three ``[N, V]`` tensors (V = catalog + padding): on a CPU those passes over memory, not the matmul,
+are most of a training step (ML-1M (users 1-2,999), batch 64 x 200 positions: 12,800 x 3,616 floats,
+185 MB each). :class:`LinearCrossEntropy` does the same arithmetic a block of rows at a time, so each
+block's logits stay in cache: the forward keeps only the ``logsumexp`` per row, the backward recomputes
+the block's logits and turns them in place into the gradient ``g * (softmax - onehot)``. One more matmul,
+far less memory traffic (measured in the README's "Time to quality on ML-1M" section).
+
+Written by hand, not taken from a library: the fused kernels that exist (Liger's fused linear
+cross-entropy, Apple's Cut Cross-Entropy) are Triton/CUDA only, and recpost trains on CPUs too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_ELEMENTS = 1 << 21  # logits per block: 8 MB of fp32, a block that stays in a CPU's L2/L3 cache
+MIN_ROWS, MAX_ROWS = 64, 4096  # rows per block, whatever the catalog (a thin block wastes the matmul)
+
+
+def block_rows(n_columns: int) -> int:
+    """Rows per block for a catalog of ``n_columns`` (items + padding)."""
+    return max(MIN_ROWS, min(MAX_ROWS, BLOCK_ELEMENTS // max(n_columns, 1)))
+
+
+def _block_logits(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weights.T  # [rows, V]
+    logits[:, 0] = float("-inf")  # the padding item is never a next item
+    return logits
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``ce [N] = logsumexp_{v >= 1}(hidden @ weights.T) - hidden . weights[targets]`` with its gradients
+    for ``hidden [N, d]`` and ``weights [V, d]`` (fp32; column 0 is padding, excluded)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = block_rows(weights.shape[0])
+        lse = hidden.new_empty(hidden.shape[0])
+        for start in range(0, hidden.shape[0], rows):
+            lse[start:start + rows] = torch.logsumexp(_block_logits(hidden[start:start + rows], weights), dim=-1)
+        ctx.save_for_backward(hidden, weights, targets, lse)
+        return lse - (hidden * weights[targets]).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        hidden, weights, targets, lse = ctx.saved_tensors
+        rows = block_rows(weights.shape[0])
+        grad_hidden = torch.empty_like(hidden)
+        grad_weights = torch.zeros_like(weights)
+        for start in range(0, hidden.shape[0], rows):
+            block = slice(start, start + rows)
+            h, g = hidden[block], grad_ce[block]
+            # softmax (exp(z - lse)) times the upstream gradient, minus it at the target: d ce / d logits
+            grad_logits = _block_logits(h, weights).sub_(lse[block, None]).exp_().mul_(g[:, None])
+            grad_logits[torch.arange(h.shape[0], device=h.device), targets[block]] -= g
+            grad_hidden[block] = grad_logits @ weights
+            grad_weights.addmm_(grad_logits.T, h)
+        return grad_hidden, grad_weights, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy ``[N]`` of ``softmax(hidden @ weights.T)`` (column 0 excluded) at ``targets [N]``;
+    equals ``F.cross_entropy`` of the masked logits up to float rounding, in ``O(block x V)`` memory."""
+    return LinearCrossEntropy.apply(hidden, weights, targets)
