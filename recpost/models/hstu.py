@@ -29,6 +29,7 @@ from torch import nn
 
 from recpost.errors import RecpostError
 from recpost.models.backbone import Backbone, BackboneConfig, compiled_encode
+from recpost.models.dropout import Dropout
 
 LN_EPS = 1e-6  # the reference's LayerNorm epsilon inside a block
 TIME_BUCKET_DIVISOR = 0.301  # the reference's bucket = floor(ln(max(|dt|, 1)) / 0.301)
@@ -70,8 +71,8 @@ class HSTUBlock(nn.Module):
         self.out = nn.Linear(linear_dim * n_heads, d_model)
         nn.init.xavier_uniform_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.dropout = nn.Dropout(dropout)
-        self.attn_dropout = nn.Dropout(attn_dropout) if attn_dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout)
+        self.attn_dropout = Dropout(attn_dropout) if attn_dropout > 0 else nn.Identity()
         self.bias = RelativeBias(max_len, time_buckets)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, relative_position: torch.Tensor,
@@ -110,7 +111,7 @@ class HSTU(Backbone):
         self.max_len, self.d_model, self.time_bias = max_len, d_model, time_bias
         self.pos_emb = nn.Embedding(max_len, d_model)
         self.rating_proj = nn.Linear(1, d_model) if use_ratings else None
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             HSTUBlock(d_model, n_heads, attention_dim, linear_dim, dropout, max_len, time_buckets if time_bias else None,
                       attn_dropout)

@@ -10,6 +10,7 @@ from torch import nn
 
 from recpost.errors import RecpostError
 from recpost.models.backbone import Backbone, BackboneConfig, compiled_encode
+from recpost.models.dropout import Dropout
 
 
 class _Block(nn.Module):
@@ -27,10 +28,10 @@ class _Block(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = nn.Sequential(
-            nn.Linear(d_model, ff_mult * d_model), nn.ReLU() if activation == "relu" else nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(d_model, ff_mult * d_model), nn.ReLU() if activation == "relu" else nn.GELU(), Dropout(dropout),
             nn.Linear(ff_mult * d_model, d_model),
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, L, d = x.shape
@@ -62,7 +63,7 @@ class SASRec(Backbone):
         self.d_model = d_model
         self.pos_emb = nn.Embedding(max_len, d_model)
         self.rating_proj = nn.Linear(1, d_model) if use_ratings else None
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout, ff_mult, activation, attn_dropout) for _ in range(n_layers))
         self.final_ln = nn.LayerNorm(d_model)
         self.apply(self._init_weights)
