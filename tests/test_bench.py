@@ -51,3 +51,20 @@ def test_the_epoch_timer_takes_the_validation_inside_the_epoch_out(monkeypatch):
     timer.on_validation_epoch_end(trainer, None)
     timer.on_train_epoch_end(trainer, None)
     assert (timer.train, timer.with_val, timer.val) == ([7.5], [10.0], [2.5])
+
+
+def test_every_method_the_project_trains_gets_a_timed_step_with_its_shipped_pairs(tmp_path):
+    from recpost.bench.steps import METHODS, method_steps
+    from tests.helpers import TINY_BACKBONE, tiny_datamodule
+
+    assert {"linear_sft", "asft", "online_dpo", "rs_dpo"} <= set(METHODS)
+    dm = tiny_datamodule(tmp_path)
+    dm.setup("fit")
+    common = dict(n_items=dm.n_items, item_map_hash=dm.item_map_hash, max_len=dm.max_len, backbone=TINY_BACKBONE)
+    steps = method_steps(dm, common, "cpu")
+    assert list(steps) == list(METHODS)
+    assert steps["online_dpo"].module.hparams.pair_policy == "current"
+    assert steps["rs_dpo"].module.hparams.pair_policy == "reference" and len(steps["rs_dpo"].module.hparams.reward_ensemble) == 2
+    batch = next(iter(dm.train_dataloader()))
+    for name, step in steps.items():
+        assert step(batch, 0) > 0, name

@@ -13,13 +13,14 @@ import torch
 from recpost.checkpoint import save_checkpoint
 from recpost.data import MovieLens, RecDataModule
 from recpost.data.sources import default_data_root
-from recpost.methods import DPO, PPO, SFT, ExpSFT, RewardModel
+from recpost.methods import ASFT, DPO, PPO, SFT, ExpSFT, LinearSFT, RewardModel
 
 WARMUP_REPETITIONS = 1  # the first interleaved repetition is not timed: allocators and caches warm up
 LARGE_CATALOG = 20_000  # from this many items the methods use their large-catalog paths
 NUM_NEGATIVES = 1_024  # sampled softmax of SFT / ExpSFT on a large catalog
 CHUNK = 8_192  # score_chunk_size of PPO / DPO (and evaluation) on a large catalog
-METHODS = ("sft", "exp_sft", "dpo", "ppo")
+# every method recpost trains, as shipped (configs/method/*.yaml): online_dpo and rs_dpo are DPO settings
+METHODS = ("sft", "exp_sft", "linear_sft", "asft", "dpo", "online_dpo", "rs_dpo", "ppo")
 EVAL_BATCH_SIZE = 128
 
 
@@ -82,16 +83,27 @@ def datamodule(dataset: str, max_len: int, batch_size: int, n_items: int, length
 
 def method_settings(name: str, n_items: int) -> dict:
     """The shipped defaults of each method, plus its large-catalog path from ``LARGE_CATALOG`` items on."""
+    shipped = {
+        "exp_sft": {"lam": 1.0},
+        "asft": {"lam": 1.0},
+        "online_dpo": {"pair_source": "reward_model", "pair_policy": "current"},
+        "rs_dpo": {"pair_source": "reward_model", "pair_policy": "reference"},
+    }.get(name, {})
     if n_items < LARGE_CATALOG:
-        return {"exp_sft": {"lam": 1.0}}.get(name, {})
+        return shipped
+    sampled = {"softmax": "sampled", "num_negatives": NUM_NEGATIVES}
     large = {
-        "sft": {"softmax": "sampled", "num_negatives": NUM_NEGATIVES},
-        "exp_sft": {"lam": 1.0, "softmax": "sampled", "num_negatives": NUM_NEGATIVES},
+        "sft": sampled,
+        "exp_sft": sampled,
+        "linear_sft": sampled,
+        "asft": {**sampled, "score_chunk_size": CHUNK},  # b(s) is an expectation over the catalog
         "dpo": {"score_chunk_size": CHUNK},
+        "online_dpo": {"score_chunk_size": CHUNK},
+        "rs_dpo": {"score_chunk_size": CHUNK},
         "ppo": {"score_chunk_size": CHUNK, "kl_estimator": "k3"},
         "reward_model": {"score_chunk_size": CHUNK},
     }
-    return large.get(name, {})
+    return {**shipped, **large.get(name, {})}
 
 
 class Step:
@@ -124,24 +136,29 @@ class Step:
 
 
 def method_modules(dm: RecDataModule, common: dict, workdir: Path, names=METHODS) -> dict[str, L.LightningModule]:
-    """The methods from the same initial weights (each with its shipped defaults), PPO/DPO with a reward
-    model randomly initialised (its biases from the data, so pairs are not all ties): a trained one costs
-    the same."""
-    torch.manual_seed(0)
-    rm = RewardModel(**common, **method_settings("reward_model", dm.n_items))
+    """The methods from the same initial weights (each with its shipped defaults), the reward-model methods
+    with reward models randomly initialised (their biases from the data, so pairs are not all ties; rs_dpo
+    an ensemble of two): trained ones cost the same."""
     train = dm.training_interactions()
-    rm.init_biases(train.item, train.rating)
-    rm_path = save_checkpoint(rm, workdir / "reward_model.ckpt")
+    rm_paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        rm = RewardModel(**common, **method_settings("reward_model", dm.n_items))
+        rm.init_biases(train.item, train.rating)
+        rm_paths.append(str(save_checkpoint(rm, workdir / f"reward_model_{seed}.ckpt")))
     torch.manual_seed(0)
     sft = SFT(**common, **method_settings("sft", dm.n_items))
     pre_path = save_checkpoint(sft, workdir / "policy.ckpt")
     post = dict(common, init_from=str(pre_path))
-    classes = {"sft": SFT, "exp_sft": ExpSFT, "dpo": DPO, "ppo": PPO, "reward_model": RewardModel}
+    classes = {"sft": SFT, "exp_sft": ExpSFT, "linear_sft": LinearSFT, "asft": ASFT, "dpo": DPO, "online_dpo": DPO,
+               "rs_dpo": DPO, "ppo": PPO, "reward_model": RewardModel}
     modules = {}
     for name in names:
         kw = dict(post, **method_settings(name, dm.n_items))
-        if name in ("dpo", "ppo"):
-            kw["reward_model"] = str(rm_path)
+        if name == "rs_dpo":
+            kw["reward_ensemble"] = rm_paths
+        elif name in ("asft", "dpo", "online_dpo", "ppo"):
+            kw["reward_model"] = rm_paths[0]
         modules[name] = sft if name == "sft" else classes[name](**kw)
     return modules
 
