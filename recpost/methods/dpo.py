@@ -237,7 +237,7 @@ class DPO(PolicyModule):
             scorer, hidden = self.scorer(reference=True), reference_hidden
         else:
             with self.dropout_off():
-                hidden, _ = self.state_hidden(batch, states)  # [N, d]
+                hidden, _ = self.state_hidden(batch, states, with_history=False)  # [N, d]
             scorer = self.scorer()
         return sample_from_catalog(scorer, hidden, history, self.n_columns, self.chunk_size, k=2, replacement=False)
 

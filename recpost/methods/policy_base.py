@@ -119,17 +119,20 @@ class PolicyModule(FrozenReferenceAndRewardModel, RecModule):
         return self.hparams.score_chunk_size or self.n_columns
 
     def state_hidden(
-        self, batch: TrainBatch, states: torch.Tensor, rows: torch.Tensor | None = None, reference: bool = False
+        self, batch: TrainBatch, states: torch.Tensor, rows: torch.Tensor | None = None, reference: bool = False,
+        with_history: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The states' hidden vectors ``[N, d]`` under the policy or the ``reference``, and what the user had by
-        each state ``[N, H + L]`` (item ids, 0 = none; ``None`` when ``mask_history`` is off): what the
-        catalog functions of ``recpost.methods.catalog`` take, without any ``[N, n_items]`` tensor."""
+        each state ``[N, H + L]`` (item ids, 0 = none; ``None`` when ``mask_history`` is off or not
+        ``with_history``: a caller that has it already): what the catalog functions of
+        ``recpost.methods.catalog`` take, without any ``[N, n_items]`` tensor."""
         select = slice(None) if rows is None else rows
         items, timestamps = batch["input_items"][select], batch.get("input_timestamps")
         backbone = self.reference if reference else self.backbone
         hidden = backbone.encode(items, batch["input_ratings"][select],
                                  timestamps[select] if timestamps is not None else None)[states[select]]  # [N, d]
-        history = state_history(items, states[select], batch["earlier_items"][select]) if self.hparams.mask_history else None
+        history = (state_history(items, states[select], batch["earlier_items"][select])
+                   if self.hparams.mask_history and with_history else None)
         return hidden, history
 
     @contextmanager

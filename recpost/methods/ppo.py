@@ -45,8 +45,9 @@ from recpost.batch import TrainBatch
 from recpost.methods.base import check_finite
 from recpost.methods.checks import at_least, non_negative, one_of, optional, positive, require
 from recpost.methods.catalog import catalog_entropy, catalog_logsumexp, sample_from_catalog
-from recpost.methods.policy import entropy, exact_kl, kl_k1, kl_k3, sample_items
+from recpost.methods.policy import entropy, exact_kl, kl_k1, kl_k3, sample_items, state_history
 from recpost.methods.policy_base import PolicyModule
+from recpost.models.fused_policy import block_log_probs, history_index, row_blocks
 
 KLEstimator = Literal["exact", "k1", "k3"]
 Baseline = Literal["group", "value"]
@@ -71,6 +72,7 @@ class Rollout:
     values: torch.Tensor | None  # [N] V_old(s) (value baseline only)
     ref_logp: torch.Tensor | None  # [N, V + 1] reference log-probs (exact KL only)
     stats: dict[str, torch.Tensor]
+    history: torch.Tensor | None = None  # [N, H + L] what the user had by each state (mask_history), built once
 
 
 def group_advantages(rewards: torch.Tensor, scale: Literal["none", "group", "batch"] = "none") -> torch.Tensor:
@@ -215,15 +217,45 @@ class PPO(PolicyModule):
         return slice(None) if rows is None else roll.index[rows][roll.states[rows]]
 
     @torch.no_grad()
-    def _chunked_rollout(self, batch: TrainBatch, states: torch.Tensor, rows: torch.Tensor | None):
+    def _blockwise_rollout(self, batch: TrainBatch, states: torch.Tensor, rows: torch.Tensor | None,
+                           history: torch.Tensor | None):
+        """A rollout's per-state pieces a block of states at a time over the whole catalog: ``(hidden [m, d],
+        actions [m, k], their log-probs under the policy and the reference [m, k], exact KL [m], entropy [m],
+        the reference log-probs [m, V + 1])``. The policy's log-probs are those of the first update's
+        :meth:`Backbone.policy_terms` (the same blocks, the same arithmetic), so its ratio is exactly 1."""
+        hp = self.hparams
+        hidden, _ = self.state_hidden(batch, states, rows, with_history=False)
+        ref_hidden, _ = self.state_hidden(batch, states, rows, reference=True, with_history=False)
+        m, device = hidden.shape[0], hidden.device
+        actions = torch.empty(m, hp.k, dtype=torch.long, device=device)
+        logp_a, ref_a = torch.empty(m, hp.k, device=device), torch.empty(m, hp.k, device=device)
+        kl, ent = torch.empty(m, device=device), torch.empty(m, device=device)
+        ref_full = torch.empty(m, self.n_columns, device=device) if hp.kl_estimator == "exact" else None
+        with torch.autocast(device_type=device.type, enabled=False):
+            h, w = self.backbone.scoring_inputs(hidden)
+            ref_h, ref_w = self.reference.scoring_inputs(ref_hidden)
+            for b in row_blocks(m, self.n_columns):
+                hist = history_index(history[b] if history is not None else None, self.n_columns)
+                logp, _ = block_log_probs(h[b], w, hist)  # [r, V + 1]
+                ref, _ = block_log_probs(ref_h[b], ref_w, hist)
+                actions[b] = a = sample_items(logp, hp.k, replacement=hp.replacement)  # [r, k]
+                logp_a[b], ref_a[b] = logp.gather(1, a), ref.gather(1, a)
+                kl[b], ent[b] = exact_kl(logp, ref), entropy(logp)
+                if ref_full is not None:
+                    ref_full[b] = ref
+        return hidden, actions, logp_a, ref_a, kl, ent, ref_full
+
+    @torch.no_grad()
+    def _chunked_rollout(self, batch: TrainBatch, states: torch.Tensor, rows: torch.Tensor | None,
+                         history: torch.Tensor | None):
         """A rollout's per-state pieces a chunk of the catalog at a time: ``(hidden [m, d], actions [m, k],
         their log-probs under the policy and the reference [m, k], the policy's entropy [m])``."""
         hp = self.hparams
-        hidden, history = self.state_hidden(batch, states, rows)
+        hidden, _ = self.state_hidden(batch, states, rows, with_history=False)
         lse = catalog_logsumexp(self.scorer(), hidden, history, self.n_columns, self.chunk_size)
         actions = sample_from_catalog(self.scorer(), hidden, history, self.n_columns, self.chunk_size, hp.k,
                                       hp.replacement, lse)
-        ref_hidden, _ = self.state_hidden(batch, states, rows, reference=True)
+        ref_hidden, _ = self.state_hidden(batch, states, rows, reference=True, with_history=False)
         ref_lse = catalog_logsumexp(self.scorer(reference=True), ref_hidden, history, self.n_columns, self.chunk_size)
         ent = catalog_entropy(self.scorer(), hidden, history, self.n_columns, self.chunk_size, lse)
         return (hidden, actions, self.backbone.score(hidden, actions) - lse[:, None],
@@ -250,19 +282,20 @@ class PPO(PolicyModule):
         hidden_all = torch.empty(n, d_model, device=states.device) if self.value_head is not None else None
         exact = hp.kl_estimator == "exact"
         ref_full = torch.empty(n, hp.n_items + 1, device=states.device) if exact and hp.num_minibatches > 1 else None
+        # What the user had by each state, once for the rollout and its updates (rows as index's)
+        history = state_history(batch["input_items"], states, batch["earlier_items"]) if hp.mask_history else None
         # The same windows, in the same order, as the first update's minibatches: its ratio is exactly 1.
         for rows in self._minibatches(len(states), shuffle=False, device=states.device):
             idx = slice(None) if rows is None else index[rows][states[rows]]
+            had = None if history is None else history[idx]
             if hp.score_chunk_size is None:
-                logp, hidden = self.log_probs(batch, states, rows)  # [m, V + 1], [m, d]
-                ref, _ = self.log_probs(batch, states, rows, reference=True)
-                a = sample_items(logp, hp.k, replacement=hp.replacement)  # [m, k]
-                actions[idx], logp_old[idx], ref_a[idx] = a, logp.gather(1, a), ref.gather(1, a)
-                kl[idx], ent[idx] = exact_kl(logp, ref), entropy(logp)
+                hidden, a, logp_a, ref_logp_a, kl[idx], ent[idx], ref = self._blockwise_rollout(
+                    batch, states, rows, had)
+                actions[idx], logp_old[idx], ref_a[idx] = a, logp_a, ref_logp_a
                 if exact:  # one minibatch: the reference log-probs are kept as they are, no copy
                     ref_full = ref if rows is None else ref_full.index_copy_(0, idx, ref)
             else:  # a chunk of the catalog at a time: no [m, V + 1] tensor (sampled KL estimators only)
-                hidden, a, logp_a, ref_logp_a, ent[idx] = self._chunked_rollout(batch, states, rows)
+                hidden, a, logp_a, ref_logp_a, ent[idx] = self._chunked_rollout(batch, states, rows, had)
                 actions[idx], logp_old[idx], ref_a[idx] = a, logp_a, ref_logp_a
                 kl[idx] = (kl_k1 if hp.kl_estimator == "k1" else kl_k3)(logp_a, ref_logp_a).mean(dim=1)
             if hidden_all is not None:
@@ -291,7 +324,7 @@ class PPO(PolicyModule):
             "objective/rlhf_reward": rm_rewards.mean() - coef * mean_kl,
             "objective/kl_coef": coef.clone(),
         }
-        return Rollout(states, index, actions, logp_old, advantages, returns, values, ref_full, stats)
+        return Rollout(states, index, actions, logp_old, advantages, returns, values, ref_full, stats, history)
 
     # ----------------------------------------------------------------------------------- update
     def minibatch_loss(
@@ -300,20 +333,22 @@ class PPO(PolicyModule):
         """Loss of one update on the windows ``rows``; returns ``(loss, diagnostics, ratio [m, k])``."""
         hp = self.hparams
         idx = self._state_rows(roll, rows)
-        if hp.score_chunk_size is None:
-            logp, hidden = self.log_probs(batch, roll.states, rows)  # [m, V + 1], [m, d]
-            logp_a = logp.gather(1, roll.actions[idx])
+        hidden, _ = self.state_hidden(batch, roll.states, rows, with_history=False)  # [m, d]
+        history = None if roll.history is None else roll.history[idx]
+        if hp.score_chunk_size is None:  # a block of states at a time: no [m, V + 1] tensor but the rollout's reference
+            ref_logp = roll.ref_logp[idx] if roll.ref_logp is not None else None
+            logp_a, kl, ent = self.backbone.policy_terms(hidden, history, roll.actions[idx], ref_logp,
+                                                         with_entropy=hp.entropy_coef > 0)
         else:
-            hidden, history = self.state_hidden(batch, roll.states, rows)  # [m, d]
             lse = catalog_logsumexp(self.scorer(), hidden, history, self.n_columns, self.chunk_size)  # [m]
             logp_a = self.backbone.score(hidden, roll.actions[idx]) - lse[:, None]
         logp_old = roll.logp_old[idx]
         loss, stats = clipped_surrogate(logp_a, logp_old, roll.advantages[idx], hp.clip_range)
         stats["loss/policy"] = loss.detach()
         if hp.entropy_coef > 0:
-            loss = loss - hp.entropy_coef * entropy(logp).mean()
+            loss = loss - hp.entropy_coef * ent.mean()
         if roll.ref_logp is not None:
-            loss = loss + self.kl_coef_value * exact_kl(logp, roll.ref_logp[idx]).mean()
+            loss = loss + self.kl_coef_value * kl.mean()
         if self.value_head is not None:
             v_old, target = roll.values[idx], roll.returns[idx]  # [m], [m, k]
             v = self._value(hidden)  # [m]

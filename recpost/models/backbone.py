@@ -19,6 +19,7 @@ from torch import nn
 
 from recpost.errors import RecpostError
 from recpost.models.fused_ce import linear_cross_entropy
+from recpost.models.fused_policy import policy_catalog_terms
 
 L2_NORM_EPS = 1e-6  # the reference HSTU code's l2_norm_eps
 
@@ -151,6 +152,22 @@ class Backbone(nn.Module, ABC):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             hidden, weights = self._scoring(hidden, self.item_weights())
             return linear_cross_entropy(hidden, weights, targets)
+
+    def scoring_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden [..., d], weights [n_items + 1, d])`` in fp32 as the similarity compares them (logits =
+        ``hidden @ weights.T``): the inputs of the block-at-a-time catalog functions. Call with autocast off."""
+        return self._scoring(hidden, self.item_weights())
+
+    def policy_terms(
+        self, hidden: torch.Tensor, history: torch.Tensor | None, actions: torch.Tensor,
+        ref_logp: torch.Tensor | None = None, with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PPO's catalog terms of the policy at ``hidden [N, d]`` (what the user had, ``history [N, K]``, masked):
+        ``(log pi(actions) [N, k], KL(pi || ref) [N], entropy [N])``, fp32, a block of states at a time
+        (:mod:`recpost.models.fused_policy`)."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            hidden, weights = self._scoring(hidden, self.item_weights())
+            return policy_catalog_terms(hidden, weights, history, actions, ref_logp, with_entropy)
 
     def score_columns(self, hidden: torch.Tensor, columns: slice | torch.Tensor) -> torch.Tensor:
         """Logits in fp32 of the same items for every row, in one matmul: ``hidden [..., d]`` -> ``[..., K]``.
