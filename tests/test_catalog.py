@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recpost.methods import DPO, PPO
-from recpost.methods.catalog import MASKED, catalog_entropy, catalog_logsumexp, sample_from_catalog
+from recpost.methods.catalog import MASKED, catalog_entropy, catalog_logsumexp, chunks, masked_chunk, sample_from_catalog
 from recpost.methods.policy import entropy, masked_log_probs
 from recpost.models import BackboneConfig, build_backbone
 from tests.helpers import build
@@ -40,6 +40,19 @@ def test_the_chunked_log_normaliser_and_its_gradient_equal_the_whole_catalogs(se
     (grad_full,) = torch.autograd.grad((expected * weights).sum(), hidden)
     assert torch.allclose(grad_chunked, grad_full, atol=1e-5)
     assert torch.isfinite(grad_chunked).all()
+
+
+@pytest.mark.parametrize("chunk", [4, 7, V1])
+def test_each_chunk_masks_exactly_padding_and_the_items_each_state_had(setup, chunk):
+    _, _, history = setup
+    dense = torch.zeros(5, V1, dtype=torch.bool)  # built item by item
+    for row, items in enumerate(history.tolist()):
+        dense[row, [0, *items]] = True
+    logits = torch.randn(5, V1)
+    for columns in chunks(V1, chunk):
+        got = masked_chunk(logits[:, columns], columns, history)
+        want = logits[:, columns].masked_fill(dense[:, columns], MASKED)
+        assert torch.equal(got, want)
 
 
 def test_a_chunk_where_every_item_is_masked_keeps_finite_gradients(setup):

@@ -35,15 +35,16 @@ def chunks(n_columns: int, size: int) -> list[slice]:
 def masked_chunk(logits: torch.Tensor, columns: slice, history: torch.Tensor | None) -> torch.Tensor:
     """``logits [N, C]`` of catalog ``columns`` with the ``history [N, K]`` items (0 = none) and padding
     (column 0) at :data:`MASKED`; out of place, so autograd can pass through."""
-    mask = torch.zeros_like(logits, dtype=torch.bool)
+    n, width = logits.shape
+    # One spare column collects the history items outside this chunk: a scatter over [N, K], where boolean
+    # indexing of the items inside (nonzero + index) was 30% of a DPO step on ML-100K.
+    mask = torch.zeros(n, width + 1, dtype=torch.bool, device=logits.device)
     if history is not None:
         local = history - columns.start  # [N, K]
-        inside = (local >= 0) & (local < logits.shape[1])
-        rows = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(local)
-        mask[rows[inside], local[inside]] = True
+        mask.scatter_(1, local.masked_fill((local < 0) | (local >= width), width), True)
     if columns.start == 0:
         mask[:, 0] = True
-    return logits.masked_fill(mask, MASKED)
+    return logits.masked_fill(mask[:, :width], MASKED)
 
 
 def catalog_logsumexp(scorer: Scorer, hidden: torch.Tensor, history: torch.Tensor | None, n_columns: int,
