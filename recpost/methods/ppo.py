@@ -282,7 +282,7 @@ class PPO(PolicyModule):
         hidden_all = torch.empty(n, d_model, device=states.device) if self.value_head is not None else None
         exact = hp.kl_estimator == "exact"
         ref_full = torch.empty(n, hp.n_items + 1, device=states.device) if exact and hp.num_minibatches > 1 else None
-        # What the user had by each state, once for the rollout and its updates (rows as index's)
+        # What the user had by each state, built once for the rollout and all its updates (rows in state order)
         history = state_history(batch["input_items"], states, batch["earlier_items"]) if hp.mask_history else None
         # The same windows, in the same order, as the first update's minibatches: its ratio is exactly 1.
         for rows in self._minibatches(len(states), shuffle=False, device=states.device):
