@@ -47,7 +47,8 @@ from recpost.methods.checks import at_least, non_negative, one_of, optional, pos
 from recpost.methods.catalog import catalog_entropy, catalog_logsumexp, sample_from_catalog
 from recpost.methods.policy import entropy, exact_kl, kl_k1, kl_k3, sample_items, state_history
 from recpost.methods.policy_base import PolicyModule
-from recpost.models.fused_policy import block_log_probs, history_index, row_blocks
+from recpost.models.fused_ce import row_blocks
+from recpost.models.fused_policy import block_log_probs, history_index
 
 KLEstimator = Literal["exact", "k1", "k3"]
 Baseline = Literal["group", "value"]

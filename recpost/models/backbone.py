@@ -150,8 +150,7 @@ class Backbone(nn.Module, ABC):
         ``F.cross_entropy(self.score(hidden), targets)`` but a block of rows at a time (never the ``[N, V]``
         logits; :mod:`recpost.models.fused_ce`)."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            hidden, weights = self._scoring(hidden, self.item_weights())
-            return linear_cross_entropy(hidden, weights, targets)
+            return linear_cross_entropy(*self.scoring_inputs(hidden), targets)
 
     def scoring_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden [..., d], weights [n_items + 1, d])`` in fp32 as the similarity compares them (logits =
@@ -166,8 +165,7 @@ class Backbone(nn.Module, ABC):
         ``(log pi(actions) [N, k], KL(pi || ref) [N], entropy [N])``, fp32, a block of states at a time
         (:mod:`recpost.models.fused_policy`)."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            hidden, weights = self._scoring(hidden, self.item_weights())
-            return policy_catalog_terms(hidden, weights, history, actions, ref_logp, with_entropy)
+            return policy_catalog_terms(*self.scoring_inputs(hidden), history, actions, ref_logp, with_entropy)
 
     def score_columns(self, hidden: torch.Tensor, columns: slice | torch.Tensor) -> torch.Tensor:
         """Logits in fp32 of the same items for every row, in one matmul: ``hidden [..., d]`` -> ``[..., K]``.

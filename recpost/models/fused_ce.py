@@ -14,6 +14,8 @@ cross-entropy, Apple's Cut Cross-Entropy) are Triton/CUDA only, and recpost trai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 BLOCK_ELEMENTS = 1 << 21  # logits per block: 8 MB of fp32, a block that stays in a CPU's L2/L3 cache
@@ -23,6 +25,13 @@ MIN_ROWS, MAX_ROWS = 64, 4096  # rows per block, whatever the catalog (a thin bl
 def block_rows(n_columns: int) -> int:
     """Rows per block for a catalog of ``n_columns`` (items + padding)."""
     return max(MIN_ROWS, min(MAX_ROWS, BLOCK_ELEMENTS // max(n_columns, 1)))
+
+
+def row_blocks(n_rows: int, n_columns: int) -> Iterator[slice]:
+    """Consecutive row slices of ``n_rows`` whose ``[rows, n_columns]`` logits stay in cache (:func:`block_rows`)."""
+    rows = block_rows(n_columns)
+    for start in range(0, n_rows, rows):
+        yield slice(start, min(start + rows, n_rows))
 
 
 def _block_logits(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -37,21 +46,18 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = block_rows(weights.shape[0])
         lse = hidden.new_empty(hidden.shape[0])
-        for start in range(0, hidden.shape[0], rows):
-            lse[start:start + rows] = torch.logsumexp(_block_logits(hidden[start:start + rows], weights), dim=-1)
+        for block in row_blocks(hidden.shape[0], weights.shape[0]):
+            lse[block] = torch.logsumexp(_block_logits(hidden[block], weights), dim=-1)
         ctx.save_for_backward(hidden, weights, targets, lse)
         return lse - (hidden * weights[targets]).sum(-1)
 
     @staticmethod
     def backward(ctx, grad_ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         hidden, weights, targets, lse = ctx.saved_tensors
-        rows = block_rows(weights.shape[0])
         grad_hidden = torch.empty_like(hidden)
         grad_weights = torch.zeros_like(weights)
-        for start in range(0, hidden.shape[0], rows):
-            block = slice(start, start + rows)
+        for block in row_blocks(hidden.shape[0], weights.shape[0]):
             h, g = hidden[block], grad_ce[block]
             # softmax (exp(z - lse)) times the upstream gradient, minus it at the target: d ce / d logits
             grad_logits = _block_logits(h, weights).sub_(lse[block, None]).exp_().mul_(g[:, None])

@@ -18,20 +18,11 @@ no CPU library fuses these.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from recpost.models.fused_ce import block_rows
+from recpost.models.fused_ce import row_blocks
 
 NEG_INF = float("-inf")
-
-
-def row_blocks(n_rows: int, n_columns: int) -> Iterator[slice]:
-    """Consecutive row slices of ``n_rows`` whose ``[rows, n_columns]`` logits stay in cache."""
-    rows = block_rows(n_columns)
-    for start in range(0, n_rows, rows):
-        yield slice(start, min(start + rows, n_rows))
 
 
 def history_index(history: torch.Tensor | None, n_columns: int) -> torch.Tensor | None:
