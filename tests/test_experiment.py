@@ -389,6 +389,42 @@ def test_runner_runs_the_plans_commands_then_reuses_every_stage(tmp_path, tiny_c
     assert calls == []
 
 
+def test_only_seed_runs_one_seeds_stages_beside_another_and_the_whole_study_reuses_them(tmp_path, tiny_config,
+                                                                                         monkeypatch):
+    from filelock import FileLock
+
+    from recpost.experiment.runner import LOCK
+
+    calls: list[list[str]] = []
+    stand_in = _stand_in_cli(calls)
+    out = tmp_path / "out"
+
+    def run(self, args, *rest, **kw):  # while seed 1 runs alone, seed 0's folder and the output folder are free
+        FileLock(str(out / LOCK)).acquire(timeout=0)
+        FileLock(str(out / "seed0" / LOCK)).acquire(timeout=0)
+        return stand_in(self, args, *rest, **kw)
+
+    monkeypatch.setattr(Runner, "_recpost", run)
+    cfg = _rlhf_study(tmp_path, tiny_config, seeds=2)
+    whole = build_plan(load_study(str(cfg)), out)
+    experiment(str(cfg), output_dir=str(out), only_seed=1)
+    seed1 = [s for s in whole.stages if s.seed == 1]
+    assert len(calls) == 2 * len(seed1) and all("seed1" in " ".join(c) and "seed0" not in " ".join(c) for c in calls)
+    rows = json.loads((out / "seed1" / "results.json").read_text())
+    assert [r["seed"] for r in rows] == [1] * len(seed1) and not (out / "results.json").exists()
+    with FileLock(str(out / "seed1" / LOCK)):  # seed 1 busy: the whole study is refused, seed 0 alone is not
+        with pytest.raises(RecpostError, match="is in use by another `recpost experiment`"):
+            experiment(str(cfg), output_dir=str(out))
+    monkeypatch.setattr(Runner, "_recpost", stand_in)
+    calls.clear()
+    experiment(str(cfg), output_dir=str(out))  # the whole study fits seed 0 only and tabulates both seeds
+    assert len(calls) == 2 * (len(whole.stages) - len(seed1)) and all("seed1" not in " ".join(c) for c in calls)
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted({r["seed"] for r in rows}) == [0, 1] and len(rows) == len(whole.stages)
+    with pytest.raises(RecpostError, match=r"--only_seed 2 is not one of the study's seeds 0\.\.1"):
+        experiment(str(cfg), output_dir=str(out), only_seed=2)
+
+
 def test_a_failed_reward_model_fails_the_stages_that_need_it_and_only_those(tmp_path, tiny_config, monkeypatch):
     calls: list[list[str]] = []
     out = tmp_path / "out"

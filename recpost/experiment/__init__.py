@@ -23,7 +23,9 @@ from recpost.experiment.plan import Plan, Stage, build_plan
 from recpost.experiment.regime_report import write_regime_results
 from recpost.experiment.regimes import RegimeMap, World, is_regime_map, load_regime_map, write_world_config
 from recpost.experiment.report import Report, write_results
-from recpost.experiment.runner import Runner, best_validation, check_output_dir, claim_output_dir, lock_output_dir
+from recpost.errors import RecpostError
+from recpost.experiment.runner import (Runner, best_validation, check_output_dir, claim_output_dir, lock_output_dir,
+                                       lock_plan)
 from recpost.experiment.stats import paired_bootstrap
 from recpost.experiment.study import DEFAULT_CONFIG, JudgeSpec, MethodSpec, RewardModelSpec, Study, load_study
 from recpost.experiment.tracking import log_results, wandb_mode
@@ -34,7 +36,7 @@ __all__ = ["DEFAULT_CONFIG", "JudgeSpec", "MethodSpec", "Plan", "RegimeMap", "Re
 
 
 def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seeds: int | None = None,
-               dry_run: bool = False, quick: bool = False) -> Path:
+               dry_run: bool = False, quick: bool = False, only_seed: int | None = None) -> Path:
     """Run the whole study of an experiment config and write its results tables and figures.
 
     A config with a ``worlds:`` section (a regime map, e.g. ``configs/experiments/sim_regimes.yaml``) runs the
@@ -48,17 +50,23 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
         dry_run: print every stage with its commands (``--dry-run``) and run nothing.
         quick: the config's ``quick:`` scale-down (``--quick``): fewer seeds, epochs, grid points and judges,
             every method and stage kept (a regime map: fewer worlds too).
+        only_seed: run the stages of this seed alone (one of 0..seeds-1), so that the seeds of a long study run
+            side by side, one process or machine each, into the same ``output_dir`` (a shared file system);
+            its tables go to ``<output_dir>/seed<N>/results.md``. The same command without ``--only_seed``
+            then reuses every finished stage and writes the study's tables over all seeds.
     """
     if is_regime_map(config):
+        if only_seed is not None:
+            raise RecpostError(f"{config} is a regime map; --only_seed runs one seed of a single study's config")
         return run_regime_map(config, output_dir, seeds, dry_run, quick)
     study = load_study(config, quick=quick)  # every stage's settings checked: a bad grid value stops here
-    plan = build_plan(study, Path(output_dir or f"runs/experiments/{study.name}"), seeds)
+    plan = build_plan(study, Path(output_dir or f"runs/experiments/{study.name}"), seeds, only_seed)
     check_output_dir(plan)
     if dry_run:
         print(plan.describe(), flush=True)
         return plan.out
     run_plan(plan)
-    print(f"results: {plan.out / 'results.md'}", flush=True)
+    print(f"results: {plan.results_dir / 'results.md'}", flush=True)
     return plan.out
 
 
@@ -87,7 +95,7 @@ def run_regime_map(config: str, output_dir: str | None = None, seeds: int | None
 def run_plan(plan: Plan) -> None:
     """Run every stage of ``plan`` (finished ones reused) and write its results tables and figures."""
     study = plan.study
-    with lock_output_dir(plan.out):
+    with lock_plan(plan):
         claim_output_dir(plan)
         # The data every stage reads, checked and cached once, before the first stage: a bad file, column or
         # cache folder stops here with one line.
@@ -99,4 +107,4 @@ def run_plan(plan: Plan) -> None:
                 report.write()
             report.finish()
             if runner.wandb is not None:
-                log_results(runner.wandb, runner.wandb_mode, study.name, plan.out, runner.say)
+                log_results(runner.wandb, runner.wandb_mode, study.name, plan.results_dir, runner.say)

@@ -243,6 +243,18 @@ class Plan:
     out: Path
     seeds: int
     stages: tuple[Stage, ...]
+    only_seed: int | None = None  # ``--only_seed``: the stages of this seed alone
+
+    @property
+    def results_dir(self) -> Path:
+        """Where the tables and figures go: ``out``, or ``out/seed<N>`` for one seed alone (``--only_seed``:
+        the study's tables are written by the command without it, over every seed)."""
+        return self.out if self.only_seed is None else self.out / f"seed{self.only_seed}"
+
+    @property
+    def seed_dirs(self) -> list[Path]:
+        """The seed folders this plan fits into (each locked while it runs)."""
+        return [self.out / f"seed{s}" for s in sorted({stage.seed for stage in self.stages})]
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -250,6 +262,8 @@ class Plan:
     def describe(self) -> str:
         """The plan as text: one block per stage with its commands (``--dry-run``)."""
         seeds = f"{self.seeds} seed" + ("s" if self.seeds > 1 else "")
+        if self.only_seed is not None:
+            seeds += f", seed {self.only_seed} only"
         lines = [f"experiment {self.study.name}: {len(self.stages)} stages, {seeds}, into {self.out}",
                  f"<{BEST_CHECKPOINT}.ckpt of S>: the best checkpoint of stage S, which is fitted first; "
                  "[...]: left out if S fails. Each command also composes its stage's <fit|test|test_all>_loggers.yaml."]
@@ -260,16 +274,22 @@ class Plan:
         return "\n".join(lines)
 
 
-def build_plan(study: Study, out: Path, seeds: int | None = None) -> Plan:
-    """The stages of ``study`` for ``seeds`` seeds (default: the study's), with folders under ``out``."""
+def build_plan(study: Study, out: Path, seeds: int | None = None, only_seed: int | None = None) -> Plan:
+    """The stages of ``study`` for ``seeds`` seeds (default: the study's), with folders under ``out``;
+    with ``only_seed``, the stages of that seed alone (the same stages, folders and keys as in the whole plan,
+    so the whole plan reuses them)."""
     n_seeds = seeds if seeds is not None else study.seeds
     if n_seeds < 1:
         raise RecpostError(f"--seeds must be >= 1 (got {n_seeds})")
+    if only_seed is not None and not 0 <= only_seed < n_seeds:
+        raise RecpostError(f"--only_seed {only_seed} is not one of the study's seeds 0..{n_seeds - 1}; give a seed in "
+                           f"that range, or more --seeds")
     if study.pretrained and len(study.pretrained) < n_seeds:
         raise RecpostError(f"{study.path}: pretrained lists {len(study.pretrained)} checkpoints for {n_seeds} seeds; "
                            "give one per seed")
-    stages = tuple(s for seed in range(n_seeds) for s in _seed_stages(study, out, seed))
-    return Plan(study, out, n_seeds, stages)
+    run = range(n_seeds) if only_seed is None else [only_seed]
+    stages = tuple(s for seed in run for s in _seed_stages(study, out, seed))
+    return Plan(study, out, n_seeds, stages, only_seed)
 
 
 def _seed_stages(study: Study, out: Path, seed: int) -> list[Stage]:

@@ -75,13 +75,13 @@ class Report:
 
     def write(self) -> None:
         study = self.plan.study
-        write_results(self.rows, self.plan.out, study.monitor, study.monitor_mode, self.per_user,
+        write_results(self.rows, self.plan.results_dir, study.monitor, study.monitor_mode, self.per_user,
                       curve_labels=self.curve_labels)
 
     def finish(self) -> None:
         """The tables and figures, and the ExpSFT weight distribution of the study's data."""
         self.write()
-        weight_figure(self.plan.study, self.plan.out / "figures" / "exp_sft_weights.png")
+        weight_figure(self.plan.study, self.plan.results_dir / "figures" / "exp_sft_weights.png")
 
 
 def write_results(rows: list[dict], out: Path, monitor: str, mode: str = "max", per_user: dict | None = None,

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -105,6 +105,19 @@ def lock_output_dir(out: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def lock_plan(plan: Plan) -> Iterator[None]:
+    """The locks of a plan's folders: the output folder's (unless it runs one seed alone) and each of its seed
+    folders'. Runs of different seeds (``--only_seed``) share an output folder; a second runner of the same
+    seed, or a whole-study runner beside a seed's, is refused at once."""
+    with ExitStack() as stack:
+        if plan.only_seed is None:
+            stack.enter_context(lock_output_dir(plan.out))
+        for folder in plan.seed_dirs:
+            stack.enter_context(lock_output_dir(folder))
+        yield
 
 
 def read_record(marker: Path, say) -> dict:
