@@ -146,3 +146,25 @@ def test_diagnostics_report_weights_ess_and_the_liked_share(datamodule):
     # with lam=0.5, liked targets (4-5 stars) carry far more than their share of the count
     liked = batch["next_liked"][batch["next_items"] > 0].float().mean()
     assert logs["liked_loss_share"] > liked
+
+
+@pytest.mark.parametrize("cls, target_norm", [(SFT, "batch"), (SFT, "dataset"), (ExpSFT, "batch"), (ExpSFT, "dataset")])
+def test_the_fused_training_loss_equals_autograd_through_the_per_target_cross_entropy(datamodule, cls, target_norm):
+    # training_loss computes the gradients inside the cross-entropy's forward (the weights are known there);
+    # the reference differentiates the per-target cross-entropy and its weighted mean as separate steps.
+    batch = datamodule.train_batch(list(range(32)))
+    module = _module(cls, datamodule, target_norm=target_norm, **({"lam": 0.5} if cls is ExpSFT else {}))
+    module.targets_per_batch = 40.0
+    loss, logs = module.training_loss(batch)
+    loss.backward()
+    fused = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    ce, rewards = module.next_item_cross_entropy(batch)
+    weights = exp_reward_weights(rewards, 0.5) if cls is ExpSFT else torch.ones_like(ce)
+    want = (weights * ce).sum() / (40.0 if target_norm == "dataset" else ce.numel())
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    if cls is ExpSFT:
+        assert logs["ce"].item() == pytest.approx(ce.mean().item(), rel=1e-5)
+    for got, ref in zip(fused, (p.grad for p in module.parameters())):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)

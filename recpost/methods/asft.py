@@ -129,7 +129,7 @@ class ASFT(FrozenReferenceAndRewardModel, RewardWeightedModule):
             )
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce, _ = self.next_item_cross_entropy(batch)  # [N]
+        targets = self.next_item_targets(batch)
         states = batch["next_items"] > 0  # [B, L]: the targets' positions, in the order of ce
         ratings = batch["next_ratings"][states].float()  # [N], stars
         check_finite_rewards(ratings)
@@ -137,6 +137,6 @@ class ASFT(FrozenReferenceAndRewardModel, RewardWeightedModule):
         advantages = ratings - baseline  # [N]
         weights = exp_reward_weights(advantages, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight,
                                      self.weight_bound, self.gather)  # [N]
-        loss, logs = self.weighted_loss(ce, weights, batch)
+        loss, logs = self.weighted_loss(targets, weights, batch)
         logs.update(baseline=baseline.mean(), advantage=advantages.mean(), advantage_std=advantages.std(correction=0))
         return loss, logs

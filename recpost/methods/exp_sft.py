@@ -47,8 +47,8 @@ class ExpSFT(RewardWeightedModule):
         super().__init__(*args, **kwargs)
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce, rewards = self.next_item_cross_entropy(batch)  # [N], [N]
-        check_finite_rewards(rewards)
-        weights = exp_reward_weights(rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight,
+        targets = self.next_item_targets(batch)
+        check_finite_rewards(targets.rewards)
+        weights = exp_reward_weights(targets.rewards, self.hparams.lam, self.hparams.weight_norm, self.hparams.max_weight,
                                      self.weight_bound, self.gather)  # [N]
-        return self.weighted_loss(ce, weights, batch)
+        return self.weighted_loss(targets, weights, batch)

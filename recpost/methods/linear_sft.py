@@ -43,8 +43,8 @@ class LinearSFT(RewardWeightedModule):
         super().__init__(*args, **kwargs)
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce, rewards = self.next_item_cross_entropy(batch)  # [N], [N]
-        check_finite_rewards(rewards)
-        weights = linear_reward_weights(rewards, self.hparams.weight_norm, self.hparams.max_weight, self.weight_bound,
+        targets = self.next_item_targets(batch)
+        check_finite_rewards(targets.rewards)
+        weights = linear_reward_weights(targets.rewards, self.hparams.weight_norm, self.hparams.max_weight, self.weight_bound,
                                         self.gather)  # [N]
-        return self.weighted_loss(ce, weights, batch)
+        return self.weighted_loss(targets, weights, batch)

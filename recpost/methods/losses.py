@@ -148,9 +148,23 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor, gather: Gather | 
     weighted = weights * values.float()  # [N]
     if gather is None:
         return weighted.mean()
+    return weighted.sum() * _process_share(values, gather)
+
+
+def weighted_mean_coefficients(weights: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
+    """``c [N]`` (no gradient) with ``sum(c * values) == weighted_mean(values, weights, gather)``: the
+    coefficients of a loss that is linear in its per-target values (the fused cross-entropy's input)."""
+    weights = weights.detach().float()
+    if gather is None:
+        return weights / max(weights.numel(), 1)
+    return weights * _process_share(weights, gather)
+
+
+def _process_share(values: torch.Tensor, gather: Gather) -> torch.Tensor:
+    """The number of processes over the global batch's target count (every process must call it)."""
     with torch.no_grad():
         counts = gather(values.new_tensor([float(values.numel())]))  # [P, 1]
-    return weighted.sum() * counts.shape[0] / counts.sum().clamp_min(1.0)
+    return counts.shape[0] / counts.sum().clamp_min(1.0)
 
 
 def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ a sampled softmax for large catalogs. A method on it only decides how to weigh t
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -20,6 +20,14 @@ Softmax = Literal["full", "sampled"]
 NegativeSampler = Literal["uniform", "popularity"]
 TargetNorm = Literal["batch", "dataset"]
 SOFTMAXES, NEGATIVE_SAMPLERS, TARGET_NORMS = get_args(Softmax), get_args(NegativeSampler), get_args(TargetNorm)
+
+
+class Targets(NamedTuple):
+    """A training batch's N next-item targets, in ``next_items > 0`` order (padding positions skipped)."""
+
+    hidden: torch.Tensor  # [N, d]: the states that predict them
+    items: torch.Tensor  # [N]
+    rewards: torch.Tensor  # [N], fp32
 
 
 class NextItemModule(RecModule):
@@ -95,14 +103,19 @@ class NextItemModule(RecModule):
     def reduce_targets(self, losses: torch.Tensor) -> torch.Tensor:
         """The batch's loss from its per-target losses ``[N]`` (already weighted, if the method weighs them),
         by ``target_norm``: their mean, or their sum over the data's mean targets per batch."""
+        return (self.target_norm_coefficients(losses) * losses).sum()
+
+    def target_norm_coefficients(self, losses: torch.Tensor) -> torch.Tensor:
+        """``c [N]`` with ``reduce_targets(losses) == sum(c * losses)`` for ``losses [N]`` (only their count and
+        dtype are read): ``1 / N``, or one over the data's mean targets per batch (``target_norm``)."""
         if self.hparams.target_norm == "batch":
-            return losses.mean()
+            return losses.new_full(losses.shape, 1.0 / max(losses.numel(), 1)).detach()
         if self.targets_per_batch is None:
             raise RecpostError(
                 "model.target_norm: dataset needs the training data's targets per batch: fit with a RecDataModule "
                 "(trainer.fit(model, datamodule=dm)) or call model.set_targets_per_batch(dm) first"
             )
-        return losses.sum() / self.targets_per_batch
+        return losses.new_full(losses.shape, 1.0 / self.targets_per_batch).detach()
 
     def on_fit_start(self) -> None:
         if self.hparams.target_norm == "dataset" and self.targets_per_batch is None:
@@ -122,25 +135,42 @@ class NextItemModule(RecModule):
                 )
             self.set_item_counts(datamodule.train_item_counts())
 
-    def next_item_cross_entropy(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-target next-item cross-entropy ``[N]`` (fp32, full or sampled softmax) and ``rewards [N]``
-        at the N target positions of the batch (padding positions are skipped before the output layer)."""
+    def next_item_targets(self, batch: TrainBatch) -> Targets:
+        """The batch's next-item targets with the hidden states that predict them (padding positions are
+        skipped before the output layer)."""
         hidden = self.backbone.encode(batch["input_items"], batch.get("input_ratings"),
                                       batch.get("input_timestamps"))  # [B, L, d]
         has_target = batch["next_items"] > 0  # [B, L]
-        hidden, targets = hidden[has_target], batch["next_items"][has_target]  # [N, d], [N]
-        rewards = batch["next_rewards"][has_target].float()
+        return Targets(hidden[has_target], batch["next_items"][has_target], batch["next_rewards"][has_target].float())
+
+    def next_item_cross_entropy(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-target next-item cross-entropy ``[N]`` (fp32, full or sampled softmax, with its gradient) and
+        ``rewards [N]`` at the N target positions of the batch."""
+        targets = self.next_item_targets(batch)
+        return self.target_cross_entropy(targets), targets.rewards
+
+    def target_cross_entropy(self, targets: Targets) -> torch.Tensor:
+        """``ce [N]`` (fp32, with its gradient) of the targets, over the full catalog or a sampled softmax."""
+        hidden, items = targets.hidden, targets.items
         if not self.sampled:
-            return self.backbone.cross_entropy(hidden, targets), rewards  # [N], fp32
+            return self.backbone.cross_entropy(hidden, items)  # [N], fp32
         log_q = self._sampler_log_q()
         n_items = self.hparams.n_items
         negatives, log_q_negatives = sample_negatives(self.hparams.num_negatives, n_items, log_q, device=hidden.device)
-        target_logits = self.backbone.score(hidden, targets[:, None]).squeeze(-1)  # [N], fp32
+        target_logits = self.backbone.score(hidden, items[:, None]).squeeze(-1)  # [N], fp32
         negative_logits = self.backbone.score_columns(hidden, negatives)  # [N, K], fp32
-        ce = sampled_softmax_cross_entropy(
-            target_logits, negative_logits, targets, negatives, sampling_log_q(targets, n_items, log_q), log_q_negatives
+        return sampled_softmax_cross_entropy(
+            target_logits, negative_logits, items, negatives, sampling_log_q(items, n_items, log_q), log_q_negatives
         )
-        return ce, rewards
+
+    def target_loss(self, targets: Targets, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum(coefficients * ce), ce [N] without gradient)`` for constant ``coefficients [N]`` (the batch's
+        reduction, times the method's weights). Full softmax: the fused cross-entropy, whose forward computes
+        the gradients from one softmax pass (:meth:`Backbone.weighted_cross_entropy`); sampled: through autograd."""
+        if not self.sampled:
+            return self.backbone.weighted_cross_entropy(targets.hidden, targets.items, coefficients)
+        ce = self.target_cross_entropy(targets)
+        return (coefficients.detach() * ce).sum(), ce.detach()
 
     def _sampler_log_q(self) -> torch.Tensor | None:
         """``log q [n_items + 1]`` of the negative sampler; ``None`` for uniform."""

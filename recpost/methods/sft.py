@@ -18,5 +18,6 @@ class SFT(NextItemModule):
     batch's targets by ``target_norm``."""
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce, _ = self.next_item_cross_entropy(batch)  # [N]
-        return self.reduce_targets(ce), {}
+        targets = self.next_item_targets(batch)
+        loss, _ = self.target_loss(targets, self.target_norm_coefficients(targets.rewards))
+        return loss, {}

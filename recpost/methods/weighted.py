@@ -7,7 +7,7 @@ of ``NextItemModule``: a non-negative weight per logged target times its cross-e
   possible signal: a constant, so unlike ``batch_mean`` it cannot bias the optimum;
 - where that largest signal comes from: the method's own setting (``reward_max``, ``advantage_max``) or,
   when it is null, the training data's rating scale, read at the start of fit;
-- the loss as the mean over the global batch (``losses.weighted_mean``) and the diagnostics every
+- the loss as the mean over the global batch (``losses.weighted_mean_coefficients``) and the diagnostics every
   weighted method logs: ``weight_min``, ``weight_mean``, ``weight_max``, ``ess`` (Kish effective
   sample size as a share of the batch), ``ce``, ``liked_loss_share``.
 
@@ -25,8 +25,8 @@ import torch.distributed as dist
 from recpost.batch import TrainBatch
 from recpost.errors import RecpostError
 from recpost.methods.checks import one_of, optional, positive
-from recpost.methods.losses import WEIGHT_NORMS, Gather, WeightNorm, effective_sample_size, weighted_mean
-from recpost.methods.next_item import NextItemModule
+from recpost.methods.losses import WEIGHT_NORMS, Gather, WeightNorm, effective_sample_size, weighted_mean_coefficients
+from recpost.methods.next_item import NextItemModule, Targets
 
 
 def gather_across_processes(stats: torch.Tensor) -> torch.Tensor:
@@ -109,16 +109,17 @@ class RewardWeightedModule(NextItemModule):
         return None
 
     def weighted_loss(
-        self, ce: torch.Tensor, weights: torch.Tensor, batch: TrainBatch
+        self, targets: Targets, weights: torch.Tensor, batch: TrainBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``mean(w * ce)`` over the global batch for ``ce [N]`` and ``weights [N]`` of the batch's targets (in
+        """``mean(w * ce)`` over the global batch for the batch's ``targets`` and their ``weights [N]`` (in
         ``next_items > 0`` order), and the shared diagnostics."""
         if self.hparams.target_norm == "dataset":
             # every target the same weight in every batch (NextItemModule.target_norm); under DDP each
             # process's sum over the same divisor, averaged by DDP: the global sum over the global divisor
-            loss = self.reduce_targets(weights * ce.float())
+            coefficients = weights.detach().float() * self.target_norm_coefficients(targets.rewards)
         else:
-            loss = weighted_mean(ce, weights, self.gather)
+            coefficients = weighted_mean_coefficients(weights, self.gather)
+        loss, ce = self.target_loss(targets, coefficients)
         with torch.no_grad():
             weighted = weights * ce
             liked = batch["next_liked"][batch["next_items"] > 0]  # [N]

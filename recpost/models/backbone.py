@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recpost.errors import RecpostError
-from recpost.models.fused_ce import linear_cross_entropy
+from recpost.models.fused_ce import linear_cross_entropy, weighted_linear_cross_entropy
 from recpost.models.fused_policy import policy_catalog_terms
 
 L2_NORM_EPS = 1e-6  # the reference HSTU code's l2_norm_eps
@@ -151,6 +151,14 @@ class Backbone(nn.Module, ABC):
         logits; :mod:`recpost.models.fused_ce`)."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return linear_cross_entropy(*self.scoring_inputs(hidden), targets)
+
+    def weighted_cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor,
+                               coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum(coefficients * ce), ce [N])`` for :meth:`cross_entropy`'s ``ce`` and constant ``coefficients
+        [N]`` (a mean, a weighted mean): the loss's gradients computed in the forward, one softmax pass per
+        block (:class:`recpost.models.fused_ce.WeightedLinearCrossEntropy`); ``ce`` carries no gradient."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return weighted_linear_cross_entropy(*self.scoring_inputs(hidden), targets, coefficients)
 
     def scoring_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden [..., d], weights [n_items + 1, d])`` in fp32 as the similarity compares them (logits =
