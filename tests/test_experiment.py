@@ -241,7 +241,7 @@ def test_the_fast_recipe_composes_after_a_pretrain_config_and_sets_what_it_says(
                   str(ROOT / "configs/recipe/fast.yaml"), "--print_config")
     assert out.returncode == 0, out.stderr[-2000:]
     cfg = yaml.safe_load(out.stdout)
-    assert (cfg["data"]["batch_size"], cfg["data"]["length_grouping"], cfg["trainer"]["max_epochs"]) == (64, 16, 30)
+    assert (cfg["data"]["batch_size"], cfg["data"]["length_grouping"], cfg["trainer"]["max_epochs"]) == (64, 16, 40)
     settings = cfg["model"]["init_args"]
     assert (settings["target_norm"], settings["lr"], settings["lr_schedule"], settings["warmup_steps"]) == (
         "dataset", 0.003, "cosine", 100)
