@@ -19,11 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from recpost.data import RecDataModule
+from recpost.errors import RecpostError
 from recpost.experiment.plan import Plan, Stage, build_plan
 from recpost.experiment.regime_report import write_regime_results
 from recpost.experiment.regimes import RegimeMap, World, is_regime_map, load_regime_map, write_world_config
 from recpost.experiment.report import Report, write_results
-from recpost.errors import RecpostError
 from recpost.experiment.runner import (Runner, best_validation, check_output_dir, claim_output_dir, lock_output_dir,
                                        lock_plan)
 from recpost.experiment.stats import paired_bootstrap

@@ -145,23 +145,20 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor, gather: Gather | 
     target count over the number of processes: under DDP, whose gradient is the mean of the
     processes' gradients, that is exactly the mean over the global batch, however unevenly the
     targets fall on the processes (one process: the plain mean)."""
-    weighted = weights * values.float()  # [N]
-    if gather is None:
-        return weighted.mean()
-    return weighted.sum() * _process_share(values, gather)
+    return (weights * values.float()).sum() * _mean_scale(values, gather)
 
 
 def weighted_mean_coefficients(weights: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
     """``c [N]`` (no gradient) with ``sum(c * values) == weighted_mean(values, weights, gather)``: the
     coefficients of a loss that is linear in its per-target values (the fused cross-entropy's input)."""
-    weights = weights.detach().float()
+    return weights.detach().float() * _mean_scale(weights, gather)
+
+
+def _mean_scale(values: torch.Tensor, gather: Gather | None) -> torch.Tensor | float:
+    """``1 / N`` for this process's ``values [N]``; under DDP (``gather``) the number of processes over the
+    global batch's target count (every process must call it)."""
     if gather is None:
-        return weights / max(weights.numel(), 1)
-    return weights * _process_share(weights, gather)
-
-
-def _process_share(values: torch.Tensor, gather: Gather) -> torch.Tensor:
-    """The number of processes over the global batch's target count (every process must call it)."""
+        return 1.0 / max(values.numel(), 1)
     with torch.no_grad():
         counts = gather(values.new_tensor([float(values.numel())]))  # [P, 1]
     return counts.shape[0] / counts.sum().clamp_min(1.0)

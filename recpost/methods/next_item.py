@@ -100,22 +100,18 @@ class NextItemModule(RecModule):
         next-item targets of a training window times the batch size (what the start of fit does)."""
         self.targets_per_batch = float(np.mean(datamodule.train_window_targets())) * datamodule.batch_size
 
-    def reduce_targets(self, losses: torch.Tensor) -> torch.Tensor:
-        """The batch's loss from its per-target losses ``[N]`` (already weighted, if the method weighs them),
-        by ``target_norm``: their mean, or their sum over the data's mean targets per batch."""
-        return (self.target_norm_coefficients(losses) * losses).sum()
-
-    def target_norm_coefficients(self, losses: torch.Tensor) -> torch.Tensor:
-        """``c [N]`` with ``reduce_targets(losses) == sum(c * losses)`` for ``losses [N]`` (only their count and
-        dtype are read): ``1 / N``, or one over the data's mean targets per batch (``target_norm``)."""
+    def target_norm_coefficients(self, like: torch.Tensor) -> torch.Tensor:
+        """How a batch's per-target losses ``[N]`` become its loss, ``sum(c * losses)``, by ``target_norm``:
+        ``c = 1 / N`` (their mean) or one over the data's mean targets per batch. ``like [N]`` (e.g. the
+        targets' rewards) gives N, dtype and device."""
         if self.hparams.target_norm == "batch":
-            return losses.new_full(losses.shape, 1.0 / max(losses.numel(), 1)).detach()
+            return like.new_full(like.shape, 1.0 / max(like.numel(), 1)).detach()
         if self.targets_per_batch is None:
             raise RecpostError(
                 "model.target_norm: dataset needs the training data's targets per batch: fit with a RecDataModule "
                 "(trainer.fit(model, datamodule=dm)) or call model.set_targets_per_batch(dm) first"
             )
-        return losses.new_full(losses.shape, 1.0 / self.targets_per_batch).detach()
+        return like.new_full(like.shape, 1.0 / self.targets_per_batch).detach()
 
     def on_fit_start(self) -> None:
         if self.hparams.target_norm == "dataset" and self.targets_per_batch is None:
