@@ -248,6 +248,20 @@ def test_the_fast_recipe_composes_after_a_pretrain_config_and_sets_what_it_says(
     assert settings["backbone"]["d_model"] == 50  # the model is the pretrain config's
 
 
+
+def test_the_prefixes_recipe_composes_after_a_pretrain_config_and_keeps_its_model():
+    import yaml
+
+    from tests.helpers import recpost
+
+    out = recpost("fit", "--config", str(ROOT / "configs/pretrain/ml100k.yaml"), "--config",
+                  str(ROOT / "configs/recipe/prefixes.yaml"), "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = yaml.safe_load(out.stdout)
+    assert (cfg["data"]["train_samples"], cfg["data"]["max_len"], cfg["data"]["batch_size"]) == ("prefixes", 50, 256)
+    assert cfg["trainer"]["max_epochs"] == 25
+    assert cfg["model"]["init_args"]["backbone"]["name"] == "sasrec"  # the model is the pretrain config's
+
 # ----------------------------------------------------------------------------------- the plan
 def _rlhf_study(tmp_path: Path, tiny_config: Path, seeds: int = 1) -> Path:
     """RM + evaluator RM, SFT, PPO over two KL strengths, DPO on RM pairs and on logged pairs."""
