@@ -232,15 +232,20 @@ def test_published_size_pretrain_configs_parse(name):
     assert "class_path: recpost.methods.SFT" in out.stdout
 
 
-def test_the_fast_recipe_composes_after_a_pretrain_config_and_sets_what_it_says():
+def _composed_config(*configs: str) -> dict:
+    """The config `recpost fit` resolves from ``configs`` (paths under configs/), composed in order."""
     import yaml
 
     from tests.helpers import recpost
 
-    out = recpost("fit", "--config", str(ROOT / "configs/pretrain/ml1m.yaml"), "--config",
-                  str(ROOT / "configs/recipe/fast.yaml"), "--print_config")
+    args = [arg for c in configs for arg in ("--config", str(ROOT / "configs" / c))]
+    out = recpost("fit", *args, "--print_config")
     assert out.returncode == 0, out.stderr[-2000:]
-    cfg = yaml.safe_load(out.stdout)
+    return yaml.safe_load(out.stdout)
+
+
+def test_the_fast_recipe_composes_after_a_pretrain_config_and_sets_what_it_says():
+    cfg = _composed_config("pretrain/ml1m.yaml", "recipe/fast.yaml")
     assert (cfg["data"]["batch_size"], cfg["data"]["length_grouping"], cfg["trainer"]["max_epochs"]) == (64, 16, 40)
     settings = cfg["model"]["init_args"]
     assert (settings["target_norm"], settings["lr"], settings["lr_schedule"], settings["warmup_steps"]) == (
@@ -248,19 +253,12 @@ def test_the_fast_recipe_composes_after_a_pretrain_config_and_sets_what_it_says(
     assert settings["backbone"]["d_model"] == 50  # the model is the pretrain config's
 
 
-
 def test_the_prefixes_recipe_composes_after_a_pretrain_config_and_keeps_its_model():
-    import yaml
-
-    from tests.helpers import recpost
-
-    out = recpost("fit", "--config", str(ROOT / "configs/pretrain/ml100k.yaml"), "--config",
-                  str(ROOT / "configs/recipe/prefixes.yaml"), "--print_config")
-    assert out.returncode == 0, out.stderr[-2000:]
-    cfg = yaml.safe_load(out.stdout)
+    cfg = _composed_config("pretrain/ml100k.yaml", "recipe/prefixes.yaml")
     assert (cfg["data"]["train_samples"], cfg["data"]["max_len"], cfg["data"]["batch_size"]) == ("prefixes", 50, 256)
     assert cfg["trainer"]["max_epochs"] == 25
     assert cfg["model"]["init_args"]["backbone"]["name"] == "sasrec"  # the model is the pretrain config's
+
 
 # ----------------------------------------------------------------------------------- the plan
 def _rlhf_study(tmp_path: Path, tiny_config: Path, seeds: int = 1) -> Path:
