@@ -5,7 +5,7 @@ Layers import downward only: ``data`` -> ``models`` -> ``evaluation`` -> ``metho
 ``import recpost`` stays light and pulls no layer in.
 """
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 __all__ = ["RecpostError", "load_pretrained"]
 __version__ = "0.1.0"
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "load_pretrained":
-        from recpost.pretrained import load_pretrained
+        from recpost.serving.pretrained import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'recpost' has no attribute {name!r}")

@@ -14,11 +14,11 @@ import lightning as L
 import numpy as np
 import torch
 
-from recpost.checkpoint import save_checkpoint
+from recpost.models.checkpoint import save_checkpoint
 from recpost.data import RecDataModule, Table
 from recpost.methods import SFT, RewardModel
 from recpost.models import BackboneConfig
-from recpost.runs import RunFolder, latest_run
+from recpost.core.runs import RunFolder, latest_run
 
 __all__ = [
     "TINY_BACKBONE", "TINY_CONFIG", "RunFolder", "assert_same_loss_and_gradients", "build", "init_reward_biases", "last_metrics", "latest_run",

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from recpost.checkpoint import save_checkpoint
-from recpost.errors import RecpostError
+from recpost.models.checkpoint import save_checkpoint
+from recpost.core.errors import RecpostError
 from recpost.methods import ASFT, SFT, ExpSFT, RewardModel
 from recpost.methods.asft import expected_under_policy
 from recpost.methods.losses import exp_reward_weights, weighted_mean

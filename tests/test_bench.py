@@ -7,7 +7,7 @@ import torch
 
 from recpost.bench import bench, sft_step_flops
 from recpost.bench.steps import LARGE_CATALOG, method_settings
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.models import BackboneConfig
 
 

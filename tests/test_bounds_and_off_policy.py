@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recpost.data.simulator import BanditWorld
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.evaluation.bounds import additive_lower_bound, eps, lambda_for_loss, tilted_lower_bound, vacuous
 from recpost.evaluation.off_policy import (
     direct_method, doubly_robust, ips, kendall_tau, policy_expectation, ranking_agreement, snips,

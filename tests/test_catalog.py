@@ -104,7 +104,7 @@ def test_chunked_dpo_gives_the_whole_catalog_loss(rlhf_setup):
 
 
 def test_chunked_ppo_trains_with_a_sampled_kl_and_refuses_the_exact_one(rlhf_setup):
-    from recpost.errors import RecpostError
+    from recpost.core.errors import RecpostError
 
     dm, pre, rm = rlhf_setup
     with pytest.raises(RecpostError, match="kl_estimator: exact sums over the whole catalog"):

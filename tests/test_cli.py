@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from recpost.cli import overview, run_lightning_cli
-from recpost.errors import RecpostError
-from recpost.runs import run_folders
+from recpost.cli.main import overview, run_lightning_cli
+from recpost.core.errors import RecpostError
+from recpost.core.runs import run_folders
 from tests.helpers import (
     latest_run,
     metrics_rows,
@@ -28,7 +28,7 @@ from tests.helpers import (
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["ndcg@10", "ndcg@50", "hr@10", "hr@50", "mrr", "ndcg@10_liked", "hr@10_liked", "rating@10", "coverage@10"]
-# Lightning's messages that say nothing to a recpost user (recpost.console filters them).
+# Lightning's messages that say nothing to a recpost user (recpost.cli.console filters them).
 NOISE = ("litlogger", "LeafSpec", "dirpath has changed", "`srun` command")
 
 
@@ -140,7 +140,7 @@ def test_bad_method_setting_is_one_clear_line_not_a_traceback(tiny_config):
 
 
 def test_help_lists_every_command_with_one_line(capsys):
-    from recpost.cli import FUNCTION_COMMANDS, LIGHTNING_COMMANDS, main
+    from recpost.cli.main import FUNCTION_COMMANDS, LIGHTNING_COMMANDS, main
 
     with pytest.raises(SystemExit) as exit_code:
         main(["--help"])

@@ -15,7 +15,7 @@ import torch
 
 from recpost.data import RecDataModule, Table
 from recpost.data.interactions import item_map_hash
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 LENGTHS = (3, 4, 7, 12, 25)  # interactions per user; 25 > max_len + 3 so training is cut into windows
 MAX_LEN = 4

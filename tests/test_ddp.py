@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from recpost.runs import LOGS_DIR, RunFolder
+from recpost.core.runs import LOGS_DIR, RunFolder
 from tests.helpers import latest_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def eval_root(folder: Path, method: str, processes: int) -> Path:
 def run_chain(stage: str, folder: Path) -> None:
     """``fit``: every method in turn with 2 DDP processes (each rank runs this; the process group is kept).
     ``test1`` / ``test2``: every fitted method tested in one process / in two DDP processes."""
-    from recpost.cli import run_lightning_cli
+    from recpost.cli.main import run_lightning_cli
 
     for method in EXPECTED:
         if stage == "fit":

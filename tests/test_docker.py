@@ -125,7 +125,7 @@ def test_the_copied_files_are_enough_to_build_the_package(tmp_path):
 
     (wheel,) = (tmp_path / "wheels").glob("recpost-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "recpost/cli.py" in names and "recpost/methods/exp_sft.py" in names
+    assert "recpost/cli/main.py" in names and "recpost/methods/exp_sft.py" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import DPO
 from recpost.methods.dpo import dpo_loss, first_seen, logged_pairs
 from tests.helpers import (

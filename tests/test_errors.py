@@ -166,8 +166,8 @@ def test_a_user_error_is_one_line_and_exit_code_2(outcomes, case):
 
 # ----------------------------------------------------------------------------------- the gate's two exceptions
 def test_a_deliberately_edited_checkpoint_loads_only_with_the_override_and_says_so(tmp_path, monkeypatch, caplog):
-    from recpost.checkpoint import ALLOW_EDITED, read_checkpoint
-    from recpost.errors import RecpostError
+    from recpost.models.checkpoint import ALLOW_EDITED, read_checkpoint
+    from recpost.core.errors import RecpostError
 
     edited = edited_checkpoint(pretrained_checkpoint(tiny_datamodule(tmp_path), tmp_path / "p.ckpt"), tmp_path / "e.ckpt")
     with pytest.raises(RecpostError, match="its weights changed after it was saved"):
@@ -179,7 +179,7 @@ def test_a_deliberately_edited_checkpoint_loads_only_with_the_override_and_says_
 
 
 def test_a_checkpoint_written_before_the_content_hash_loads_with_one_warning(tmp_path, caplog):
-    from recpost.checkpoint import STAMP, read_checkpoint
+    from recpost.models.checkpoint import STAMP, read_checkpoint
 
     ckpt = torch.load(pretrained_checkpoint(tiny_datamodule(tmp_path), tmp_path / "p.ckpt"), weights_only=True)
     del ckpt[STAMP]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recpost.data import RecDataModule, Table
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import SFT
 from tests.helpers import build
 

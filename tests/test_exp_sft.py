@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recpost.data import RecDataModule, Table
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import SFT, ExpSFT
 from recpost.methods.losses import effective_sample_size, exp_reward_weights
 from recpost.models import BackboneConfig

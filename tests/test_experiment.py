@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.experiment import build_plan, experiment, load_study, write_results
 from recpost.experiment.plan import EVALUATOR_SEED_OFFSET, CheckpointOf, evaluator_overrides, resolve, with_loggers
 from recpost.experiment.regimes import is_regime_map
 from recpost.experiment.runner import Runner
-from recpost.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
+from recpost.core.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_cli_reads_the_experiment_config_from_dash_dash_config(tmp_path):
 
 
 def test_lambda_figure_is_written_from_result_rows(tmp_path):
-    from recpost.figures import metric_vs_lambda
+    from recpost.experiment.figures import metric_vs_lambda
 
     rows = [{"method": "base", "setting": {}, "status": "ok", "test/ndcg@10": 0.1},
             {"method": "sft", "setting": {}, "status": "ok", "test/ndcg@10": 0.11}]
@@ -630,7 +630,7 @@ def test_an_interrupted_experiment_leaves_no_process_behind_and_resumes(tmp_path
 
 def test_figure_axes_are_words_with_units_and_each_method_its_own_x_axis(tmp_path, tiny_config):
     from recpost.experiment.report import Report
-    from recpost.figures import metric_label
+    from recpost.experiment.figures import metric_label
 
     assert metric_label("test/ndcg@10") == "NDCG@10 (test)"
     assert metric_label("val/true_reward@10") == "true reward of the top 10 (stars, validation)"

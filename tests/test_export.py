@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 import recpost
-from recpost.checkpoint import save_checkpoint
-from recpost.errors import RecpostError
-from recpost.export import CatalogScorer, export, export_scorer
+from recpost.models.checkpoint import save_checkpoint
+from recpost.core.errors import RecpostError
+from recpost.serving.export import CatalogScorer, export, export_scorer
 from recpost.methods import SFT, RewardModel
 from recpost.models import BackboneConfig, build_backbone
-from recpost.pretrained import ModelFolder, load_pretrained
-from recpost.serve import read_histories, recommend
+from recpost.serving.pretrained import ModelFolder, load_pretrained
+from recpost.serving.serve import read_histories, recommend
 from tests.helpers import build, recpost as run_recpost, tiny_datamodule
 
 K = 10
@@ -110,7 +110,7 @@ def test_the_scorer_runs_in_a_python_that_cannot_import_recpost(exported, tmp_pa
         import torch
         torch.set_num_threads(1)  # as in the tests' process: the same reduction order, the same bits
         try:
-            import recpost.pretrained
+            import recpost.serving.pretrained
         except ImportError:
             pass
         else:

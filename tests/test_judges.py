@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from recpost.checkpoint import load_reward_model
-from recpost.errors import RecpostError
+from recpost.models.checkpoint import load_reward_model
+from recpost.core.errors import RecpostError
 from recpost.evaluation import CatalogRanking, RankingMetrics, judge_rewards, judge_spread
 from recpost.methods import PPO, SFT
-from recpost.runs import latest_run
+from recpost.core.runs import latest_run
 from tests.helpers import build, pretrained_checkpoint, reward_model_checkpoint, tiny_datamodule
 
 
@@ -93,7 +93,7 @@ def test_a_missing_judge_checkpoint_is_one_line_naming_it(tmp_path):
 
 
 def test_judges_given_at_test_time_score_a_trained_policy(tiny_config, monkeypatch):
-    from recpost.cli import run_lightning_cli
+    from recpost.cli.main import run_lightning_cli
 
     monkeypatch.setattr(sys, "argv", ["recpost"])
     dm = tiny_datamodule(tiny_config.parent)  # the same CSV as the config: the same catalog

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import SFT, LinearSFT
 from recpost.models import BackboneConfig
 from tests.helpers import assert_same_loss_and_gradients, build, tiny_datamodule

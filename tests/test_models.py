@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.models import HSTU, BackboneConfig, SASRec, build_backbone
 from recpost.models.hstu import time_buckets
 

@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 
-from recpost.runs import run_folders
+from recpost.core.runs import run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300

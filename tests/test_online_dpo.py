@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import DPO
 from recpost.methods.dpo import ensemble_pairs
 from tests.helpers import build, last_metrics, pretrained_checkpoint, recpost, reward_model_checkpoint, tiny_datamodule

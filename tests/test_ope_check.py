@@ -1,4 +1,4 @@
-"""``python -m recpost.ope_check``: off-policy estimates of trained policies beside their true values."""
+"""``python -m recpost.diagnostics.ope_check``: off-policy estimates of trained policies beside their true values."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from recpost.data import RecDataModule
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.evaluation.off_policy import importance_weights
 from recpost.methods import SFT
-from recpost.ope_check import (
+from recpost.diagnostics.ope_check import (
     ESTIMATORS, Policy, estimate_policies, logged_samples, main, named_checkpoints, policy_name,
 )
 from tests.helpers import build, reward_model_checkpoint, save_checkpoint, write_tiny_config
@@ -148,7 +148,7 @@ def test_the_command_writes_every_estimator_and_the_true_value(trained, tmp_path
     _, config, rm, untrained, sft = trained
     out = tmp_path / "ope.json"
     done = subprocess.run(
-        [sys.executable, "-m", "recpost.ope_check", "--config", str(config), "--reward_model", str(rm),
+        [sys.executable, "-m", "recpost.diagnostics.ope_check", "--config", str(config), "--reward_model", str(rm),
          "--policy", f"random={untrained}", str(sft), "--output", str(out)],
         capture_output=True, text=True, timeout=300,
     )

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.experiment import build_plan, experiment, load_study, write_results
 from recpost.experiment.plan import (
     ALL_TARGETS, ENSEMBLE_SEED_OFFSET, JUDGE_SEED_OFFSET, CheckpointOf, CheckpointsOf, resolve, role_seed,
 )
 from recpost.experiment.runner import Runner
-from recpost.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
+from recpost.core.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"paper_ml1m": 30, "paper_ml20m": 12, "paper_amazon_books": 10, "paper_ml100k": 30}
@@ -361,7 +361,7 @@ methods:
 
 
 def test_the_training_curves_add_the_judges_panel_and_the_lambda_figures_cover_judges_and_every_target(tmp_path, monkeypatch):
-    from recpost import figures
+    from recpost.experiment import figures
 
     assert figures.metric_label("test_all/ndcg@10") == "NDCG@10 (test, every target)"
     assert figures.metric_label("val/judge_reward@10") == "judges' rating of the top 10 (stars, validation)"
@@ -378,7 +378,7 @@ def test_the_training_curves_add_the_judges_panel_and_the_lambda_figures_cover_j
 
 
 def test_boolean_flags_of_a_function_command_work_alone_or_with_a_value():
-    from recpost.cli import _boolean_flags
+    from recpost.cli.main import _boolean_flags
 
     spellings = {"--quick": "--quick", "--dry-run": "--dry_run", "--dry_run": "--dry_run"}
     assert _boolean_flags(["--quick", "--dry-run"], spellings) == ["--quick=true", "--dry_run=true"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods.policy import (
     entropy,
     exact_kl,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import PPO
 from recpost.methods.policy import state_history
 from recpost.methods.ppo import clipped_surrogate, group_advantages

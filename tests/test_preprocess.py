@@ -10,7 +10,7 @@ import pytest
 
 import recpost.data.interactions as interactions
 from recpost.data import Amazon, RecDataModule, Table
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 HEADER = "user_id,item_id,rating,timestamp\n"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from recpost.data import RecDataModule
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.experiment import experiment, load_regime_map, write_regime_results, write_results
 from recpost.experiment.regime_report import world_cells
 from recpost.experiment.regimes import WORLD_CONFIG
 from recpost.experiment.runner import Runner
-from recpost.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
+from recpost.core.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 

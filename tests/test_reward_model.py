@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from recpost.checkpoint import load_reward_model
+from recpost.models.checkpoint import load_reward_model
 from recpost.data import RecDataModule, Table
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import SFT, RewardModel
 from recpost.methods.reward_model import rating_baselines
 from tests.helpers import (
@@ -186,7 +186,7 @@ def test_recpost_fit_trains_a_reward_model_selected_on_validation_rmse(tiny_conf
 def test_reward_check_finds_a_model_identical_to_itself_and_a_resampled_one_less_so(tmp_path):
     from recpost.data import Simulator
     from recpost.data.simulator import WorldConfig
-    from recpost.reward_check import compare
+    from recpost.diagnostics.reward_check import compare
 
     dm = RecDataModule(Simulator(WorldConfig(n_users=60, n_items=80), min_seq_len=5, max_seq_len=9), max_len=8,
                        cache_dir=str(tmp_path / "cache"))

@@ -9,7 +9,7 @@ import torch
 
 from recpost.data import RecDataModule, Simulator
 from recpost.data.simulator import WorldConfig
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.evaluation.rm_reliability import average_ranks, exposure_deciles, reliability_report, spearman
 from tests.helpers import reward_model_checkpoint
 
@@ -75,7 +75,7 @@ def test_bad_input_is_one_clear_line(kwargs, message):
 
 
 def test_reward_check_reports_a_reward_model_on_simulator_data(tmp_path):
-    from recpost.reward_check import reliability
+    from recpost.diagnostics.reward_check import reliability
 
     dm = RecDataModule(Simulator(WorldConfig(n_users=60, n_items=80, exposure_concentration=1.0), min_seq_len=5,
                                  max_seq_len=9), max_len=8, cache_dir=str(tmp_path / "cache"))
@@ -93,7 +93,7 @@ def test_reward_check_reports_a_reward_model_on_simulator_data(tmp_path):
 
 
 def test_expected_exposure_is_pi_betas_expected_training_count(tmp_path):
-    from recpost.reward_check import expected_train_exposure
+    from recpost.diagnostics.reward_check import expected_train_exposure
 
     dm = RecDataModule(Simulator(WorldConfig(n_users=80, n_items=60), min_seq_len=5, max_seq_len=9), max_len=8,
                        cache_dir=str(tmp_path / "cache"))

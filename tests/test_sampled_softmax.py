@@ -11,7 +11,7 @@ import torch
 
 from recpost.data import RecDataModule, Simulator
 from recpost.data.simulator import WorldConfig
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.evaluation import CatalogRanking, RankingMetrics, mask_items, rank_in_chunks
 from recpost.methods import SFT, ExpSFT, RewardModel
 from recpost.methods.losses import (

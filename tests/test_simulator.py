@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from recpost.data import RecDataModule, Simulator, Source
 from recpost.data.simulator import BanditWorld, SimulatorTruth, SimWorld, WorldConfig
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.evaluation import mask_items
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 
 from recpost.data import Amazon, MovieLens, RecDataModule, Table
 from recpost.data.validation import validate_interactions
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from recpost.bandit_check import fit_tabular_policy
+from recpost.diagnostics.bandit_check import fit_tabular_policy
 from recpost.data.simulator import BanditWorld
 
 
@@ -38,7 +38,7 @@ def test_homoscedastic_noise_does_not_move_the_target():
 
 
 def test_bounds_grid_rows_hold_the_theory_and_say_where_it_is_vacuous(tmp_path):
-    from recpost.bandit_check import catalog_size_effect, grid_table, plot_grid, theory_grid
+    from recpost.diagnostics.bandit_check import catalog_size_effect, grid_table, plot_grid, theory_grid
     from recpost.evaluation.bounds import eps
 
     rows = theory_grid(sigmas=(0.0, 1.0), n_actions=(8,), lams=(0.5, 2.0), n_contexts=4, n_per_context=200,

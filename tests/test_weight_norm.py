@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import ExpSFT, LinearSFT
 from recpost.methods.losses import exp_reward_weights, linear_reward_weights, weighted_mean
 from recpost.models import BackboneConfig

@@ -54,7 +54,7 @@ from recpost.bench.steps import (
     method_settings,
     method_steps,
 )
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import SFT
 from recpost.models import BackboneConfig
 

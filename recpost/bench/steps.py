@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from recpost.checkpoint import save_checkpoint
+from recpost.models.checkpoint import save_checkpoint
 from recpost.data import MovieLens, RecDataModule
 from recpost.data.sources import default_data_root
 from recpost.methods import ASFT, DPO, PPO, SFT, ExpSFT, LinearSFT, RewardModel

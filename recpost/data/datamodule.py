@@ -5,7 +5,7 @@ validation target, the rest the training sequence. Validation histories stop bef
 target; test histories include it (it happened before the test target) but never the test target.
 Nothing of a target - id, rating or timestamp - enters the model's input.
 
-Batches (``recpost.batch``: keys, shapes) are built by ``train_batch`` / ``eval_batch`` from index
+Batches (``recpost.core.batch``: keys, shapes) are built by ``train_batch`` / ``eval_batch`` from index
 arrays with numpy fancy indexing (one gather per batch, no per-row Python), left-padded with item 0
 so the newest item is always last.
 
@@ -29,13 +29,13 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from recpost.batch import EvalBatch, TrainBatch
+from recpost.core.batch import EvalBatch, TrainBatch
 from recpost.data.arrays import IndexDataset, gather_left_padded
 from recpost.data.interactions import Interactions, PreprocessOptions, build_cache, load_cache
 from recpost.data.sampling import LengthGroupedSampler, training_windows
 from recpost.data.sources import Source
 from recpost.data.validation import check_options
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 log = logging.getLogger(__name__)
 

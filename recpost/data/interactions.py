@@ -34,7 +34,7 @@ from datasets.table import InMemoryTable
 
 from recpost.data.sources import Source
 from recpost.data.validation import validate_interactions
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: integer ids ordered by value, not as text

@@ -25,7 +25,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from recpost.data.validation import CANONICAL_COLUMNS
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 CANONICAL_COLUMNS = ("user_id", "item_id", "timestamp", "rating")
 

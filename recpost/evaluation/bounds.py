@@ -13,7 +13,7 @@ and the policy tilted by the estimated rewards keeps
 so a tolerated loss ``tau`` is guaranteed by ``lambda >= 2 eps / log(1 + tau / R_max)``. The catalog
 enters only through ``log |A|``. Values are differences, so rewards on ``[r_min, r_max]`` use
 ``R_max = r_max - r_min`` (1..5 stars: 4). These are statements about the ideal tilted policy at a
-state inside ``pi_beta``'s support, not about a trained model; ``python -m recpost.bandit_check
+state inside ``pi_beta``'s support, not about a trained model; ``python -m recpost.diagnostics.bandit_check
 --grid`` sets them against measured values. A bound below the worst possible value (every action's
 lowest reward) is vacuous: :func:`vacuous` says when.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 
 def _check(ok: bool, message: str) -> None:

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 
 class Estimate(NamedTuple):

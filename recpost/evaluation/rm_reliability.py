@@ -4,7 +4,7 @@ A policy optimised against a reward model goes where the model scores high, whic
 training ratings were: an RM that is accurate on average can be badly wrong on rarely exposed items
 and outside the logged support, and that is where RLHF-style methods find its errors. Only a world
 that knows ``r*`` (the simulator) can measure this; :func:`reliability_report` does, from plain
-tensors, so the data layer, ``python -m recpost.reward_check`` and the experiment share one definition:
+tensors, so the data layer, ``python -m recpost.diagnostics.reward_check`` and the experiment share one definition:
 
 - ``overall``: every evaluated (state, item) pair;
 - ``exposure_decile_1`` .. ``exposure_decile_10``: pairs grouped by their item's exposure decile
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 METRICS = ("n", "rmse", "bias", "spearman")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from recpost.data import RecDataModule
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.experiment.plan import Plan, Stage, build_plan
 from recpost.experiment.regime_report import write_regime_results
 from recpost.experiment.regimes import RegimeMap, World, is_regime_map, load_regime_map, write_world_config

@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.experiment.study import MethodSpec, Study
-from recpost.runs import BEST_CHECKPOINT
+from recpost.core.runs import BEST_CHECKPOINT
 
 # Offsets of the other reward models' seeds from the study seed (another initialisation and batch order):
 # the evaluator, the ensemble's members 1, 2, ... and the judges 0, 1, ..., SEED_STRIDE apart, so that

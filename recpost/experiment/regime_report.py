@@ -17,7 +17,7 @@ import statistics
 from itertools import product
 from pathlib import Path
 
-from recpost import figures
+from recpost.experiment import figures
 from recpost.experiment.regimes import REFERENCE, RegimeMap, World
 from recpost.experiment.report import ORACLE_METRICS, ORACLE_MONITOR, RM_METHODS
 # The flag in results.json of each selection, and how the tables name it.

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from recpost.data.simulator import Simulator, WorldConfig
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.experiment.plan import Plan, build_plan
 from recpost.experiment.study import Study, parse_study, read_config, resolve_path
 

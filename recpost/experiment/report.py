@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recpost import figures
+from recpost.experiment import figures
 from recpost.data import RecDataModule
 from recpost.experiment.plan import Plan, Stage
 from recpost.experiment.stats import fmt, paired_bootstrap

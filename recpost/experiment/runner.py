@@ -34,10 +34,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.experiment.plan import Plan, Stage, resolve, with_loggers
 from recpost.experiment.tracking import logger_config, wandb_mode, wandb_settings
-from recpost.runs import latest_run, run_folders, writable_folder
+from recpost.core.runs import latest_run, run_folders, writable_folder
 
 MARKER = "stage.json"
 LOCK = ".experiment.lock"

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import RecModule
 
 

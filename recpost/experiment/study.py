@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.experiment.settings import accepted, check_settings, keys_of, override_settings, read_method_class
 from recpost.methods import RecModule, RewardModel
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from recpost.batch import TrainBatch
+from recpost.core.batch import TrainBatch
 from recpost.methods.catalog import chunks, masked_chunk
 from recpost.methods.checks import finite_positive, optional, require
 from recpost.methods.losses import check_finite_rewards, exp_reward_weights

@@ -19,9 +19,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from recpost.batch import EvalBatch, TrainBatch
-from recpost.checkpoint import check_catalog, load_backbone_weights, load_reward_model, stamp, verify_weights
-from recpost.errors import RecpostError
+from recpost.core.batch import EvalBatch, TrainBatch
+from recpost.models.checkpoint import check_catalog, load_backbone_weights, load_reward_model, stamp, verify_weights
+from recpost.core.errors import RecpostError
 from recpost.evaluation import (
     TOP_K, CatalogRanking, RankingMetrics, ScoreColumns, judge_metric_names, judge_rewards, judge_spread, mask_items,
     rank_in_chunks,

@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 
 def _fail(name: str, rule: str, value: Any, hint: str) -> None:

@@ -42,8 +42,8 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from recpost.batch import TrainBatch
-from recpost.errors import RecpostError
+from recpost.core.batch import TrainBatch
+from recpost.core.errors import RecpostError
 from recpost.methods.checks import in_interval, one_of, positive, require
 from recpost.methods.catalog import catalog_logsumexp, sample_from_catalog
 from recpost.methods.policy_base import PolicyModule

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from recpost.batch import TrainBatch
+from recpost.core.batch import TrainBatch
 from recpost.methods.checks import finite, finite_positive, optional
 from recpost.methods.losses import check_finite_rewards, exp_reward_weights
 from recpost.methods.weighted import RewardWeightedModule

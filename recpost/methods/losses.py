@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 WeightNorm = Literal["batch_mean", "none", "fixed"]
 WEIGHT_NORMS = get_args(WeightNorm)

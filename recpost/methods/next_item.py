@@ -10,8 +10,8 @@ from typing import Literal, NamedTuple, get_args
 import numpy as np
 import torch
 
-from recpost.batch import TrainBatch
-from recpost.errors import RecpostError
+from recpost.core.batch import TrainBatch
+from recpost.core.errors import RecpostError
 from recpost.methods.base import RecModule
 from recpost.methods.checks import at_least, one_of
 from recpost.methods.losses import popularity_log_q, sample_negatives, sampled_softmax_cross_entropy, sampling_log_q

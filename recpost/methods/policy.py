@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recpost.batch import TrainBatch
-from recpost.errors import RecpostError
+from recpost.core.batch import TrainBatch
+from recpost.core.errors import RecpostError
 
 NEG_INF = float("-inf")
 

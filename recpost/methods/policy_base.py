@@ -23,7 +23,7 @@ from typing import Literal, get_args
 
 import torch
 
-from recpost.batch import TrainBatch
+from recpost.core.batch import TrainBatch
 from recpost.methods.base import RecModule
 from recpost.methods.checks import one_of
 from recpost.methods.policy import state_history, state_log_probs, state_positions

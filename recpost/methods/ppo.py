@@ -41,7 +41,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from recpost.batch import TrainBatch
+from recpost.core.batch import TrainBatch
 from recpost.methods.base import check_finite
 from recpost.methods.checks import at_least, non_negative, one_of, optional, positive, require
 from recpost.methods.catalog import catalog_entropy, catalog_logsumexp, sample_from_catalog

@@ -3,7 +3,7 @@ and a rating head, see ``recpost/models/reward.py`` for the head's formula) to p
 the logged next item, by MSE at every position of the training windows, from the pretrained
 checkpoint (``init_from``).
 
-PPO and DPO use the trained component frozen (``recpost.checkpoint.load_reward_model``) as their
+PPO and DPO use the trained component frozen (``recpost.models.checkpoint.load_reward_model``) as their
 reward; any method can be scored by one at evaluation (``eval_reward_model``). The RM predicts
 ratings on the source's scale (stars), whatever ``data.reward_transform``: its RMSE is comparable
 with the literature.
@@ -21,8 +21,8 @@ import math
 import numpy as np
 import torch
 
-from recpost.batch import EvalBatch, TrainBatch
-from recpost.errors import RecpostError
+from recpost.core.batch import EvalBatch, TrainBatch
+from recpost.core.errors import RecpostError
 from recpost.evaluation import ScoreColumns
 from recpost.methods.base import RecModule
 from recpost.methods.checks import non_negative
@@ -75,7 +75,7 @@ class RewardModel(RecModule):
         """The component being trained: this module's backbone and head, viewed as a ``RatingModel``.
 
         It is kept out of the module tree (not a submodule), so the checkpoint's keys stay ``backbone.*``
-        and ``head.*``, exactly what ``recpost.checkpoint.load_reward_model`` reads.
+        and ``head.*``, exactly what ``recpost.models.checkpoint.load_reward_model`` reads.
         """
         model = self.__dict__.get("_rating_model")
         if model is None or model.backbone is not self.backbone or model.head is not self.head:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from recpost.batch import TrainBatch
+from recpost.core.batch import TrainBatch
 from recpost.methods.next_item import NextItemModule
 
 

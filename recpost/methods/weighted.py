@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from recpost.batch import TrainBatch
-from recpost.errors import RecpostError
+from recpost.core.batch import TrainBatch
+from recpost.core.errors import RecpostError
 from recpost.methods.checks import one_of, optional, positive
 from recpost.methods.losses import WEIGHT_NORMS, Gather, WeightNorm, effective_sample_size, weighted_mean_coefficients
 from recpost.methods.next_item import NextItemModule, Targets

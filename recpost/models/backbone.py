@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.models.fused_ce import linear_cross_entropy, weighted_linear_cross_entropy
 from recpost.models.fused_policy import policy_catalog_terms
 

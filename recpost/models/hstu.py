@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.models.backbone import Backbone, BackboneConfig, compiled_encode
 from recpost.models.dropout import Dropout
 

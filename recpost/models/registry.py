@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.models.backbone import Backbone, BackboneConfig
 from recpost.models.hstu import HSTU
 from recpost.models.sasrec import SASRec

@@ -3,7 +3,7 @@ give an item after their history.
 
 ``RatingModel`` is a plain ``nn.Module``. ``recpost.methods.RewardModel`` (a LightningModule) trains
 one; PPO, DPO and any method's ``eval_reward_model`` hold one frozen, loaded by
-``recpost.checkpoint.load_reward_model``. Its ``state_dict`` keys (``backbone.*``, ``head.*``) are the
+``recpost.models.checkpoint.load_reward_model``. Its ``state_dict`` keys (``backbone.*``, ``head.*``) are the
 trained RewardModel's, so a RewardModel checkpoint loads into it directly.
 
 The head starts as the classic damped *baseline predictor* (Koren, 2008) and learns the rest from the

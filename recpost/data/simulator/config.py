@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 
 def check(ok: bool, message: str) -> None:

@@ -14,8 +14,8 @@ policy the theorems are about, ``pi_beta exp(r_hat / lambda)`` tilted by a noisy
 + sigma N(0, 1)`` drawn once per action (mean and worst over draws). It prints a markdown table and
 writes a figure.
 
-    python -m recpost.bandit_check            # prints one `name: value` line per figure
-    python -m recpost.bandit_check --grid --figure docs/figures/bandit_bounds.png   # ~4 min on one core
+    python -m recpost.diagnostics.bandit_check            # prints one `name: value` line per figure
+    python -m recpost.diagnostics.bandit_check --grid --figure docs/figures/bandit_bounds.png   # ~4 min on one core
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def plot_grid(rows: list[dict[str, float]], path: Path) -> Path:
 if __name__ == "__main__":
     import argparse  # two flags: the standard library's parser is enough
 
-    parser = argparse.ArgumentParser(prog="python -m recpost.bandit_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recpost.diagnostics.bandit_check", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", action="store_true", help="the bounds of Theorems 4.3/4.4 against measured values")
     parser.add_argument("--figure", type=Path, default=Path("bandit_bounds.png"), help="where --grid writes its figure")
     args = parser.parse_args()

@@ -47,7 +47,7 @@ ground truth does: ~400 users per block for 10^4 items, ~4 for 10^6.
 
 Why not Open Bandit Pipeline: see ``recpost.evaluation.off_policy``.
 
-    python -m recpost.ope_check --config configs/pretrain/sim.yaml --reward_model <RM best.ckpt> \\
+    python -m recpost.diagnostics.ope_check --config configs/pretrain/sim.yaml --reward_model <RM best.ckpt> \\
         --policy <best.ckpt> [<best.ckpt> ...] [--split test] [--output ope.json]
 
 A policy given as ``name=path`` is shown as ``name``; otherwise its name is its run's folder below the
@@ -67,16 +67,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from recpost.batch import EvalBatch
-from recpost.checkpoint import load_policy, load_reward_model
+from recpost.core.batch import EvalBatch
+from recpost.models.checkpoint import load_policy, load_reward_model
 from recpost.data import RecDataModule
 from recpost.data.simulator.world import BLOCK_ELEMENTS
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.evaluation.off_policy import (
     Estimate, direct_method, doubly_robust, importance_weights, ips, policy_expectation, ranking_agreement, snips,
 )
 from recpost.evaluation.ranking import mask_items
-from recpost.runs import RunFolder
+from recpost.core.runs import RunFolder
 
 ESTIMATORS = ("ips", "snips", "dr", "dm")
 SEED_FOLDER = re.compile(r"seed\d+")
@@ -293,7 +293,7 @@ if __name__ == "__main__":
     import argparse  # a few flags, two of them repeated: the standard library's parser is enough
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m recpost.ope_check", description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recpost.diagnostics.ope_check", description=main.__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", required=True, help="a fit config with the simulator data "
                         "(repeat to compose)")
     parser.add_argument("--policy", action="extend", nargs="+", required=True,

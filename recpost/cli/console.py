@@ -13,7 +13,7 @@ import logging
 import sys
 import warnings
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 # Lightning's messages that say nothing to a recpost user, in every run.
 _QUIET_LOG_MESSAGES = ("💡 Tip: For seamless cloud logging",)  # an advertisement for another logger

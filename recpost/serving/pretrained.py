@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.evaluation import mask_items
 
 FORMAT = "recpost-model"

@@ -34,7 +34,7 @@ import lightning
 import torch
 from torch import nn
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.models import Backbone, BackboneConfig, RatingHead, RatingModel, build_backbone, freeze
 
 TRAIN_A_REWARD_MODEL = (

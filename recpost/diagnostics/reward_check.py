@@ -20,7 +20,7 @@ on the test users of a run's data:
   per user (``top10``: where a policy that exploits the first model goes), with each model's RMSE
   against ``r*`` there.
 
-    python -m recpost.reward_check --config configs/pretrain/sim.yaml --reward_model <training RM best.ckpt> \\
+    python -m recpost.diagnostics.reward_check --config configs/pretrain/sim.yaml --reward_model <training RM best.ckpt> \\
         [--evaluator <evaluator RM best.ckpt>] [--support_min_ratings 1]
 
 prints one ``name: value`` line per figure (``reliability/<group>/<metric>``, then the comparison).
@@ -31,10 +31,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recpost.checkpoint import load_reward_model
+from recpost.models.checkpoint import load_reward_model
 from recpost.data import RecDataModule
 from recpost.data.datamodule import HELD_OUT
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.evaluation.rm_reliability import exposure_deciles, reliability_report
 
 
@@ -189,7 +189,7 @@ if __name__ == "__main__":
     import argparse  # four flags, one of them repeated: the standard library's parser is enough
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m recpost.reward_check", description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recpost.diagnostics.reward_check", description=main.__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", required=True, help="a fit config of the run (repeat to compose)")
     parser.add_argument("--reward_model", required=True, help="the training reward model's best.ckpt")
     parser.add_argument("--evaluator", help="the evaluator reward model's best.ckpt (compare the two)")

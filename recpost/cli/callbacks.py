@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from recpost.runs import LAST_CHECKPOINT
+from recpost.core.runs import LAST_CHECKPOINT
 
 
 def random_state() -> dict[str, Any]:

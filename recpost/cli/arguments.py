@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 # Model settings that change only how a trained model is evaluated: at validate / test / predict time
 # the command line wins over the checkpoint's hyperparameters.

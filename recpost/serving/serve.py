@@ -2,7 +2,7 @@
 
 Histories come as JSON lines or a long CSV (the formats users already have: an event log, or one
 user per line), and recommendations go out as JSON lines or CSV, in the source's item ids. Scoring is
-``recpost.pretrained.PretrainedRecommender``; this module only reads, writes and reports.
+``recpost.serving.pretrained.PretrainedRecommender``; this module only reads, writes and reports.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from recpost.errors import RecpostError
-from recpost.pretrained import DEFAULT_BATCH_SIZE, History, Recommendation, as_history, load_pretrained
+from recpost.core.errors import RecpostError
+from recpost.serving.pretrained import DEFAULT_BATCH_SIZE, History, Recommendation, as_history, load_pretrained
 
 REPORTED_USERS = 10  # users with unknown items listed one per line on stderr; the rest are counted
 SCORE_DIGITS = 6  # significant digits of the scores written out (fp32 logits carry about 7)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 
 LOGS_DIR = "lightning_logs"
 VERSION_PREFIX = "version_"

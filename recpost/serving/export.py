@@ -1,4 +1,4 @@
-"""``recpost export``: a trained policy as a self-contained model folder (``recpost.pretrained.ModelFolder``).
+"""``recpost export``: a trained policy as a self-contained model folder (``recpost.serving.pretrained.ModelFolder``).
 
 The scorer is a ``torch.export`` program (``torch.export.save``), not TorchScript: on torch 2.13
 ``torch.jit.trace`` is deprecated and bakes the traced history length into SASRec's position
@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from recpost import __version__
-from recpost.checkpoint import backbone_config, check_catalog, policy_backbone, read_checkpoint
+from recpost.models.checkpoint import backbone_config, check_catalog, policy_backbone, read_checkpoint
 from recpost.data import RecDataModule
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.models import Backbone
-from recpost.pretrained import FORMAT, FORMAT_VERSION, SCORER_INPUTS, ModelFolder
-from recpost.runs import RunFolder
+from recpost.serving.pretrained import FORMAT, FORMAT_VERSION, SCORER_INPUTS, ModelFolder
+from recpost.core.runs import RunFolder
 
 # Graph uses of an input that read only its shape, not its values (an input used only so is not needed).
 SHAPE_ONLY_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten._assert_tensor_metadata.default}

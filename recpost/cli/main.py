@@ -5,13 +5,13 @@
 ``data.item_map_hash`` and ``data.max_len`` are linked into the model. Configs compose left to
 right after the subcommand: ``recpost fit --config data.yaml --config method.yaml --trainer.max_epochs 5``.
 
-Where files go is ``recpost.runs``: a fit writes ``<trainer.default_root_dir>/lightning_logs/version_N/``
+Where files go is ``recpost.core.runs``: a fit writes ``<trainer.default_root_dir>/lightning_logs/version_N/``
 (``config.yaml``, ``metrics.csv``, ``checkpoints/best.ckpt`` and ``checkpoints/last.ckpt``) and ends by
 printing the best checkpoint and its score; ``--ckpt_path last`` continues the newest run in its folder,
 exactly. ``validate`` / ``test`` / ``predict`` of a run's checkpoint write next to it
 (``<run>/test/version_K/test_metrics.json``, ...). Every ``--ckpt_path`` passes the checkpoint gate
-(``recpost.checkpoint.read_checkpoint``) before Lightning opens it. A user's mistake ends with one line on
-stderr and exit code 2 (``recpost.console``, ``recpost.arguments``).
+(``recpost.models.checkpoint.read_checkpoint``) before Lightning opens it. A user's mistake ends with one line on
+stderr and exit code 2 (``recpost.cli.console``, ``recpost.cli.arguments``).
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from recpost.arguments import EVAL_TIME_SETTINGS, explain_parse_error, given_model_settings, refuse_training_flags
-from recpost.callbacks import ElapsedTime, FitSummary, ResumeCheckpoint
-from recpost.checkpoint import read_checkpoint
-from recpost.console import configure_output, quiet_evaluation_warnings, quiet_resume_warnings, user_error
+from recpost.cli.arguments import EVAL_TIME_SETTINGS, explain_parse_error, given_model_settings, refuse_training_flags
+from recpost.cli.callbacks import ElapsedTime, FitSummary, ResumeCheckpoint
+from recpost.models.checkpoint import read_checkpoint
+from recpost.cli.console import configure_output, quiet_evaluation_warnings, quiet_resume_warnings, user_error
 from recpost.data import RecDataModule
-from recpost.errors import RecpostError
+from recpost.core.errors import RecpostError
 from recpost.methods import RecModule
-from recpost.runs import BEST_CHECKPOINT, LOGS_DIR, RunFolder, resume_point, run_folders, writable_folder
+from recpost.core.runs import BEST_CHECKPOINT, LOGS_DIR, RunFolder, resume_point, run_folders, writable_folder
 
 DEFAULT_ROOT_DIR = "runs"
 MONITOR = "val/ndcg@10"
@@ -271,8 +271,8 @@ LIGHTNING_COMMANDS = {
 FUNCTION_COMMANDS = {
     "experiment": ("recpost.experiment", "experiment"),
     "bench": ("recpost.bench", "bench"),
-    "export": ("recpost.export", "export"),
-    "recommend": ("recpost.serve", "recommend"),
+    "export": ("recpost.serving.export", "export"),
+    "recommend": ("recpost.serving.serve", "recommend"),
 }
 
 
