@@ -61,6 +61,16 @@ def test_masked_log_probs_put_zero_probability_on_the_history_and_padding():
     assert masked_log_probs(logits).exp()[0].tolist() == pytest.approx([0.0, 0.25, 0.25, 0.25, 0.25])
 
 
+@pytest.mark.parametrize("history", [None, torch.tensor([[2, 3], [1, 4]])], ids=["no history", "full rows"])
+def test_masked_log_probs_put_the_padding_column_at_minus_infinity_in_both_call_forms(history):
+    # A history whose rows have no 0 entry (every slot a real item) must still mask padding: the scatter
+    # of the history alone would leave column 0 a real candidate.
+    logits = torch.arange(10.0).reshape(2, 5)  # padding has a finite, even the largest-but-one, logit
+    logp = masked_log_probs(logits, history)
+    assert torch.isneginf(logp[:, 0]).all()
+    assert logp.exp().sum(dim=1).tolist() == pytest.approx([1.0, 1.0])
+
+
 def test_sampling_without_replacement_never_returns_masked_or_repeated_items():
     torch.manual_seed(0)
     mask = torch.rand(500, 11) < 0.4

@@ -33,10 +33,10 @@ def masked_log_probs(logits: torch.Tensor, history: torch.Tensor | None = None) 
     """
     logits = logits.float()
     with torch.autocast(device_type=logits.device.type, enabled=False):
+        # padding first, whatever the history holds (a row without a 0 entry would leave it unmasked)
+        logits = logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device), NEG_INF)
         if history is not None:
-            logits = logits.scatter(1, history, NEG_INF)  # 0 entries land on the padding column
-        else:
-            logits = logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device), NEG_INF)
+            logits = logits.scatter(1, history, NEG_INF)
         return logits.log_softmax(dim=-1)
 
 
