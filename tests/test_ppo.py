@@ -100,6 +100,25 @@ def test_sampled_kl_estimators_are_subtracted_from_the_rm_reward(rlhf_setup):
     assert roll.ref_logp is None  # nothing to add to the loss
 
 
+def test_the_k3_estimator_is_a_ratio_weighted_loss_term_not_a_reward(rlhf_setup):
+    # kl_estimator: k3 leaves the RM reward alone and adds kl_coef * mean(pi / pi_old * k3) to the loss (the form
+    # whose expected gradient is that of KL(pi || pi_ref): tests/test_kl_gradient.py).
+    from recpost.methods.policy import kl_k3
+
+    ppo = _ppo(rlhf_setup, kl_estimator="k3", kl_coef=0.5)
+    with torch.no_grad():
+        ppo.backbone.item_emb.weight.mul_(3.0)
+    batch = rlhf_setup[0].train_batch(list(range(32)))
+    roll = ppo.rollout(batch)
+    rm_reward = ppo._frozen["reward_model"].rewards_at(batch["input_items"], batch["input_ratings"], roll.states)
+    assert torch.allclose(roll.returns, rm_reward.gather(1, roll.actions), atol=1e-5)
+    loss, stats, ratio = ppo.minibatch_loss(batch, roll, None)
+    ref_logp, _ = ppo.log_probs(batch, roll.states, reference=True)
+    k3 = kl_k3(roll.logp_old, ref_logp.gather(1, roll.actions))
+    assert k3.mean() > 0.01
+    assert loss.item() == pytest.approx(stats["loss/policy"].item() + 0.5 * (ratio * k3).mean().item(), rel=1e-4)
+
+
 def test_exact_kl_term_pulls_the_policy_back_to_the_reference(rlhf_setup):
     ppo = _ppo(rlhf_setup, kl_coef=1.0)
     with torch.no_grad():
@@ -186,6 +205,7 @@ def test_reference_and_reward_model_are_frozen_unsaved_and_follow_device_moves(r
     ({"clip_range": 0.0}, "clip_range must be > 0"),
     ({"kl_coef": -0.1}, "kl_coef must be >= 0"),
     ({"target_kl": 0.0}, "target_kl must be > 0"),
+    ({"kl_estimator": "k1", "scale_rewards": "group"}, "k1 puts the KL in the reward, which scale_rewards: group would"),
 ])
 def test_bad_settings_are_one_clear_error(rlhf_setup, kw, message):
     with pytest.raises(RecpostError, match=message):

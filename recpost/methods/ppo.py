@@ -8,11 +8,14 @@ Each training batch is one rollout (TRL's PPO / RLOO / GRPO, with one-token "com
 2. **Samples**: ``k`` items per state from the current policy, i.i.d. (``replacement: true``, like TRL's
    k completions per prompt, which keeps the group baseline unbiased) or k distinct items by
    Gumbel-top-k (``false``).
-3. **Reward**: the frozen reward model's predicted rating. With ``kl_estimator: k1 | k3`` the sampled
-   KL penalty is subtracted per sample, as TRL's PPO does (``reward - kl_coef * kl``). With ``exact``
-   (default) ``kl_coef * KL(pi || pi_ref)``, summed over the whole catalog, is added to the loss
-   instead: its gradient is exact, with no sampling noise (a KL constant per state would cancel in the
-   group baseline, so it cannot go into the reward).
+3. **Reward and KL**: the frozen reward model's predicted rating. The KL penalty to the reference goes
+   where its expected gradient is that of ``kl_coef * KL(pi || pi_ref)`` (``policy_gradient``'s
+   docstring derives each; ``tests/test_kl_gradient.py`` checks them): ``exact`` (default), summed over
+   the whole catalog, in the loss (no sampling noise; a KL constant per state would cancel in the group
+   baseline, so it cannot go into the reward); ``k1``, subtracted from each sample's reward as TRL's
+   PPO does (``reward - kl_coef * (log pi - log pi_ref)``); ``k3``, TRL GRPO's estimator, in the loss
+   weighted by the importance ratio (``mean(pi / pi_old * k3)``). k3 in the reward is not offered: its
+   expected gradient is ``grad KL(pi || pi_ref) - grad KL(pi_ref || pi)``.
 4. **Advantage**: ``baseline: group`` subtracts the mean reward of the state's *other* k - 1 samples
    (RLOO, unbiased); ``scale_rewards: group | batch`` also divides by the group's / batch's reward std
    (GRPO). ``baseline: value`` subtracts a learned value ``V(s)`` (a linear head on the policy's state,
@@ -47,6 +50,9 @@ from recpost.methods.checks import at_least, non_negative, one_of, optional, pos
 from recpost.methods.catalog import catalog_entropy, catalog_logsumexp, sample_from_catalog
 from recpost.methods.policy import entropy, exact_kl, kl_k1, kl_k3, sample_items, state_history
 from recpost.methods.policy_base import PolicyModule
+from recpost.methods.policy_gradient import (
+    clipped_surrogate, group_advantages, kl_loss_term, kl_penalized_rewards, scale_advantages,
+)
 from recpost.models.fused_ce import row_blocks
 from recpost.models.fused_policy import block_log_probs, history_index
 
@@ -54,8 +60,6 @@ KLEstimator = Literal["exact", "k1", "k3"]
 Baseline = Literal["group", "value"]
 ScaleRewards = Literal["none", "group", "batch"]
 
-# TRL's epsilon in reward scaling (GRPO's scale_rewards); keeps constant-reward groups finite.
-STD_EPS = 1e-4
 # Ziegler et al.'s adaptive KL controller clips the proportional error to this range.
 KL_ERROR_CLIP = 0.2
 
@@ -72,41 +76,9 @@ class Rollout:
     returns: torch.Tensor  # [N, k] value targets (the rewards, KL-shaped for k1/k3)
     values: torch.Tensor | None  # [N] V_old(s) (value baseline only)
     ref_logp: torch.Tensor | None  # [N, V + 1] reference log-probs (exact KL only)
+    ref_logp_a: torch.Tensor  # [N, k] the samples' reference log-probs (the k3 loss term)
     stats: dict[str, torch.Tensor]
     history: torch.Tensor | None = None  # [N, H + L] what the user had by each state (mask_history), built once
-
-
-def group_advantages(rewards: torch.Tensor, scale: Literal["none", "group", "batch"] = "none") -> torch.Tensor:
-    """RLOO advantages ``[N, k] -> [N, k]``: each reward minus the mean of the other k - 1 of its state,
-    optionally divided by the reward std of the group or of the whole batch (GRPO's ``scale_rewards``)."""
-    k = rewards.shape[1]
-    adv = rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
-    return scale_advantages(adv, rewards, scale)
-
-
-def scale_advantages(adv: torch.Tensor, rewards: torch.Tensor, scale: str) -> torch.Tensor:
-    if scale == "group":
-        return adv / (rewards.std(dim=1, keepdim=True) + STD_EPS)
-    if scale == "batch":
-        return adv / (rewards.std() + STD_EPS)
-    return adv
-
-
-def clipped_surrogate(
-    logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped policy loss (mean over samples) and TRL's diagnostics; all inputs ``[N, k]``."""
-    ratio = torch.exp(logp - logp_old)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.max(unclipped, clipped).mean()
-    with torch.no_grad():
-        stats = {
-            "policy/clipfrac": (clipped > unclipped).float().mean(),
-            "policy/approxkl": 0.5 * ((logp - logp_old) ** 2).mean(),
-            "policy/ratio": ratio.mean(),
-        }
-    return loss, stats
 
 
 class PPO(PolicyModule):
@@ -116,8 +88,8 @@ class PPO(PolicyModule):
         k: items sampled per state (TRL GRPO's ``num_generations``).
         kl_coef: weight of ``KL(pi || pi_ref)`` (reward units, i.e. stars, per nat); the start value
             when ``target_kl`` is set.
-        kl_estimator: ``exact`` (over the catalog, in the loss), or TRL's sampled ``k1`` / ``k3``
-            (subtracted from each sample's reward).
+        kl_estimator: ``exact`` (over the catalog, in the loss), TRL PPO's sampled ``k1`` (subtracted from
+            each sample's reward) or TRL GRPO's sampled ``k3`` (in the loss, weighted by ``pi / pi_old``).
         baseline: ``group`` (RLOO leave-one-out mean of the k samples) or ``value`` (learned V(s)).
         scale_rewards: divide advantages by the reward std of the ``group`` or the ``batch``; ``none``.
         clip_range: PPO's epsilon; the ratio is clipped to ``[1 - clip_range, 1 + clip_range]``.
@@ -144,6 +116,9 @@ class PPO(PolicyModule):
         one_of("kl_estimator", s["kl_estimator"], get_args(KLEstimator))
         one_of("baseline", s["baseline"], get_args(Baseline))
         one_of("scale_rewards", s["scale_rewards"], get_args(ScaleRewards))
+        require(s["kl_estimator"] != "k1" or s["scale_rewards"] == "none",
+                f"model.kl_estimator: k1 puts the KL in the reward, which scale_rewards: {s['scale_rewards']} would divide "
+                "by the reward std (the KL weight would no longer be kl_coef); use kl_estimator: k3 or exact with it")
         at_least("k", s["k"], 1)
         require(s["baseline"] != "group" or s["k"] >= 2,
                 f"model.k must be >= 2 with baseline: group (got {s['k']}); the baseline is the other samples' mean")
@@ -303,10 +278,7 @@ class PPO(PolicyModule):
                 hidden_all[idx] = hidden.float()
         rm_rewards = self.rewards(batch, states, actions)  # [N, k]: only the sampled items are scored
         coef = self.kl_coef_value
-        returns = rm_rewards
-        if hp.kl_estimator != "exact":
-            estimate = kl_k1 if hp.kl_estimator == "k1" else kl_k3
-            returns = rm_rewards - coef * estimate(logp_old, ref_a)
+        returns = kl_penalized_rewards(rm_rewards, logp_old, ref_a, coef, hp.kl_estimator)
         values = None
         if self.value_head is None:
             advantages = group_advantages(returns, hp.scale_rewards)
@@ -325,7 +297,7 @@ class PPO(PolicyModule):
             "objective/rlhf_reward": rm_rewards.mean() - coef * mean_kl,
             "objective/kl_coef": coef.clone(),
         }
-        return Rollout(states, index, actions, logp_old, advantages, returns, values, ref_full, stats, history)
+        return Rollout(states, index, actions, logp_old, advantages, returns, values, ref_full, ref_a, stats, history)
 
     # ----------------------------------------------------------------------------------- update
     def minibatch_loss(
@@ -350,6 +322,8 @@ class PPO(PolicyModule):
             loss = loss - hp.entropy_coef * ent.mean()
         if roll.ref_logp is not None:
             loss = loss + self.kl_coef_value * kl.mean()
+        elif hp.kl_estimator == "k3":
+            loss = loss + self.kl_coef_value * kl_loss_term(logp_a, logp_old, roll.ref_logp_a[idx])
         if self.value_head is not None:
             v_old, target = roll.values[idx], roll.returns[idx]  # [m], [m, k]
             v = self._value(hidden)  # [m]
