@@ -63,8 +63,8 @@ def clipped_surrogate(
     return loss, stats
 
 
-def kl_penalized_rewards(rewards: torch.Tensor, logp_old: torch.Tensor, ref_logp: torch.Tensor, kl_coef: torch.Tensor | float,
-                         estimator: str) -> torch.Tensor:
+def kl_penalized_rewards(rewards: torch.Tensor, logp_old: torch.Tensor, ref_logp: torch.Tensor,
+                         kl_coef: torch.Tensor | float, estimator: str) -> torch.Tensor:
     """The rewards the advantages are built from ``[N, k]``: with ``k1``, TRL PPO's ``reward - kl_coef * (log pi_old(a)
     - log pi_ref(a))`` (a constant of the rollout); the other estimators leave the reward alone (their term is
     in the loss)."""

@@ -117,8 +117,9 @@ class PPO(PolicyModule):
         one_of("baseline", s["baseline"], get_args(Baseline))
         one_of("scale_rewards", s["scale_rewards"], get_args(ScaleRewards))
         require(s["kl_estimator"] != "k1" or s["scale_rewards"] == "none",
-                f"model.kl_estimator: k1 puts the KL in the reward, which scale_rewards: {s['scale_rewards']} would divide "
-                "by the reward std (the KL weight would no longer be kl_coef); use kl_estimator: k3 or exact with it")
+                f"model.kl_estimator: k1 puts the KL in the reward, which scale_rewards: {s['scale_rewards']} would "
+                "divide by the reward std (the KL weight would no longer be kl_coef); use kl_estimator: k3 or exact "
+                "with it")
         at_least("k", s["k"], 1)
         require(s["baseline"] != "group" or s["k"] >= 2,
                 f"model.k must be >= 2 with baseline: group (got {s['k']}); the baseline is the other samples' mean")

@@ -49,8 +49,9 @@ class RewardWeightedModule(NextItemModule):
             (backbone, lr, init_from, ...).
     """
 
-    #: The method's setting that holds the largest possible signal for ``weight_norm: fixed``.
-    bound_setting: ClassVar[str] = "reward_max"
+    #: The method's setting that holds the largest possible signal for ``weight_norm: fixed``; ``None``: the
+    #: method's weights are already at most 1 (filtered BC's 0/1), nothing to read.
+    bound_setting: ClassVar[str | None] = "reward_max"
 
     @classmethod
     def check_settings(cls, **settings: Any) -> None:
@@ -72,7 +73,7 @@ class RewardWeightedModule(NextItemModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.hparams.weight_norm == "fixed" and self.hparams[self.bound_setting] is None:
+        if self.hparams.weight_norm == "fixed" and self.bound_setting and self.hparams[self.bound_setting] is None:
             datamodule = self.trainer.datamodule
             if datamodule is None or not hasattr(datamodule, "reward_range"):
                 raise RecpostError(
@@ -91,6 +92,8 @@ class RewardWeightedModule(NextItemModule):
         for the other normalisations."""
         if self.hparams.weight_norm != "fixed":
             return None
+        if self.bound_setting is None:
+            return 1.0
         bound = self.hparams[self.bound_setting]
         bound = self._bound_from_data if bound is None else bound
         if bound is None:
