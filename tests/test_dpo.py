@@ -215,3 +215,13 @@ def test_the_dpo_loss_equals_a_naive_computation_on_a_fixed_batch(rlhf_setup, tm
         reference = _naive_log_probs(dpo.reference, batch, states).gather(1, pairs)
     expected, _, _ = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], dpo.hparams.beta)
     assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_the_logged_pair_config_needs_no_reward_model():
+    import yaml
+
+    model = yaml.safe_load((CONFIG.parent / "dpo_logged.yaml").read_text())["model"]
+    args = model["init_args"]
+    assert model["class_path"] == "recpost.methods.DPO" and args["pair_source"] == "logged"
+    assert args["reward_model"] is None and not DPO.needs_reward_model(args)
+    DPO.check_settings(**args)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from recpost.core.errors import RecpostError
 from recpost.methods import SFT, ExpSFT, FilteredBC
 from recpost.models import BackboneConfig
 from tests.helpers import assert_same_loss_and_gradients, build, tiny_datamodule
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
 NO_DROPOUT = BackboneConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0)
 
 
@@ -87,3 +91,11 @@ def test_a_threshold_above_the_rating_scale_is_refused_before_training(datamodul
 def test_a_non_finite_min_rating_is_one_clear_error(datamodule):
     with pytest.raises(RecpostError, match="model.min_rating must be a finite number"):
         build(FilteredBC, datamodule, min_rating=float("nan"))
+
+
+def test_the_config_keeps_the_liked_targets_with_exp_sfts_normalisation():
+    model = yaml.safe_load((CONFIGS / "filtered_bc.yaml").read_text())["model"]
+    assert model["class_path"] == "recpost.methods.FilteredBC"
+    args = model["init_args"]
+    assert args["min_rating"] is None and args["weight_norm"] == "batch_mean"
+    FilteredBC.check_settings(**args)

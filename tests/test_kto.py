@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from recpost.core.errors import RecpostError
 from recpost.methods import KTO
 from recpost.methods.kto import kto_loss
 from tests.helpers import build
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
 
 
 def _kto(rlhf_setup, **kw) -> KTO:
@@ -132,3 +136,11 @@ def test_thresholds_the_data_cannot_honour_are_refused_before_training(rlhf_setu
 def test_kto_needs_no_reward_model(rlhf_setup):
     assert not KTO.needs_reward_model({}) and KTO.takes_reward_model
     assert "reward_model" not in _kto(rlhf_setup)._frozen
+
+
+def test_the_kto_config_holds_trls_defaults_and_valid_settings():
+    model = yaml.safe_load((CONFIGS / "kto.yaml").read_text())["model"]
+    assert model["class_path"] == "recpost.methods.KTO"
+    args = model["init_args"]
+    assert (args["beta"], args["desirable_weight"], args["undesirable_weight"]) == (0.1, 1.0, 1.0)  # TRL KTOConfig
+    KTO.check_settings(**args)

@@ -301,3 +301,19 @@ def test_the_first_ppo_loss_and_gradient_equal_a_naive_computation_on_a_fixed_ba
     for name, p in ppo.backbone.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(fast_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_grpo_preset_is_trls_grpo_config_on_ppo():
+    # TRL 1.10 GRPOConfig: num_generations 8, beta 0.0, epsilon 0.2, num_iterations 1, scale_rewards group;
+    # the KL term (used when kl_coef > 0) is the ratio-weighted k3, which scaled rewards allow.
+    import yaml
+
+    model = yaml.safe_load((CONFIG.parent / "grpo.yaml").read_text())["model"]
+    assert model["class_path"] == "recpost.methods.PPO"
+    args = model["init_args"]
+    assert {k: args[k] for k in ("k", "kl_coef", "clip_range", "ppo_epochs", "scale_rewards", "baseline",
+                                 "kl_estimator", "replacement")} == {
+        "k": 8, "kl_coef": 0.0, "clip_range": 0.2, "ppo_epochs": 1, "scale_rewards": "group", "baseline": "group",
+        "kl_estimator": "k3", "replacement": True}
+    PPO.check_settings(**{**args, "reward_model": "rm.ckpt"})
+    PPO.check_settings(**{**args, "reward_model": "rm.ckpt", "kl_coef": 0.04})
