@@ -222,16 +222,23 @@ def heatmaps(panels: dict[str, dict[tuple, float]], axes: tuple[str, str], ticks
 
 
 def write_all(rows: list[dict], folder: Path, curve_labels: Mapping[str, str] | None = None) -> list[Path]:
-    """Every figure the result rows allow: metric vs lambda, and PPO / DPO training curves
-    (``curve_labels``: each method's x-axis label, see :func:`training_curves`)."""
+    """Every figure the result rows allow (:func:`write_figures`), as one list of paths."""
+    return [p for paths in write_figures(rows, folder, curve_labels).values() for p in paths]
+
+
+def write_figures(rows: list[dict], folder: Path, curve_labels: Mapping[str, str] | None = None,
+                  lambda_method: str = "exp_sft") -> dict[str, list[Path]]:
+    """Every figure the result rows allow, per method it shows: ``lambda_method``'s metrics vs lambda, and
+    the training curves of each method with a training RM (``curve_labels``: each method's x-axis label,
+    see :func:`training_curves`)."""
     curve_labels = curve_labels or {}
-    written = []
+    written: dict[str, list[Path | None]] = {lambda_method: []}
     for metric in ("test/ndcg@10", "test/ndcg@10_liked", "test/true_reward@10", "test/eval_rm_reward@10",
                    "test/judge_reward@10", "test_all/ndcg@10"):
         split, _, name = metric.partition("/")
         name = ("all_targets_" if split == "test_all" else "") + name.replace("@", "_at_")
-        written.append(metric_vs_lambda(rows, metric, folder / f"{name}_vs_lambda.png"))
+        written[lambda_method].append(metric_vs_lambda(rows, metric, folder / f"{name}_vs_lambda.png", lambda_method))
     for method in sorted({r["method"] for r in rows}):
-        written.append(training_curves(rows, method, folder / f"{method}_training_curves.png",
-                                       x_label=curve_labels.get(method)))
-    return [p for p in written if p is not None]
+        written.setdefault(method, []).append(training_curves(rows, method, folder / f"{method}_training_curves.png",
+                                                              x_label=curve_labels.get(method)))
+    return {method: kept for method, paths in written.items() if (kept := [p for p in paths if p is not None])}
