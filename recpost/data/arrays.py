@@ -1,5 +1,5 @@
 """The vectorised pieces batches are built from: a dataset of row indices (the collate function gathers
-a whole batch at once) and a left-padded gather of variable-length slices."""
+a whole batch at once) and left-padded gathers of variable-length slices."""
 
 from __future__ import annotations
 
@@ -27,3 +27,17 @@ def gather_left_padded(values: np.ndarray, start: np.ndarray, end: np.ndarray, w
     valid = idx >= np.maximum(start, end - width)[:, None]
     out = values[np.clip(idx, 0, len(values) - 1)]
     return np.where(valid, out, fill)
+
+
+def gather_sequences(data, start: np.ndarray, end: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items, ratings (float32) and timestamps of ``data`` (``Interactions``) over ``[start, end)`` per row,
+    left-padded to ``[B, width]`` each (0 = padding)."""
+    return (gather_left_padded(data.item, start, end, width),
+            gather_left_padded(data.rating, start, end, width, fill=0.0).astype(np.float32),
+            gather_left_padded(data.timestamp, start, end, width))
+
+
+def earlier_items(data, start: np.ndarray) -> np.ndarray:
+    """``[B, H]`` every item of the user before each position ``start`` of ``data`` (``Interactions``), left-padded."""
+    user_start = data.offsets[np.searchsorted(data.offsets, start, side="right") - 1]  # [B]
+    return gather_left_padded(data.item, user_start, start, max(1, int((start - user_start).max())))

@@ -30,9 +30,10 @@ import yaml
 from torch.utils.data import DataLoader
 
 from recpost.core.batch import EvalBatch, TrainBatch
-from recpost.data.arrays import IndexDataset, gather_left_padded
+from recpost.data.arrays import IndexDataset, earlier_items, gather_left_padded, gather_sequences
 from recpost.data.interactions import Interactions, PreprocessOptions, build_cache, load_cache
-from recpost.data.sampling import LengthGroupedSampler, training_windows
+from recpost.data.sampling import LengthGroupedSampler
+from recpost.data.shards import WindowShard, rank_windows
 from recpost.data.sources import Source
 from recpost.data.validation import check_options
 from recpost.core.errors import RecpostError
@@ -95,6 +96,8 @@ class RecDataModule(L.LightningDataModule):
             sample per target, its last ``max_len`` items as input, the loss at the last position only. Both
             use every target once per epoch; ``prefixes`` gives each its full history and many times more
             samples (optimiser steps) per epoch, each epoch as much costlier.
+        per_rank_windows: under DDP each rank builds, and trains on, only its own block of users' windows
+            (``data/shards.py``); off: every rank builds all of them and the distributed sampler picks its share.
         num_workers: DataLoader workers (batches are gathered vectorised; 0 is usually fastest).
         cache_dir: where the preprocessed interactions live; default ``$RECPOST_CACHE_DIR`` or
             ``~/.cache/recpost/cache``.
@@ -116,6 +119,7 @@ class RecDataModule(L.LightningDataModule):
         train_users_seed: int = 0,
         length_grouping: int = 0,
         train_samples: Literal["windows", "prefixes"] = "windows",
+        per_rank_windows: bool = True,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -136,10 +140,12 @@ class RecDataModule(L.LightningDataModule):
         self.train_users_seed = train_users_seed
         self.length_grouping = length_grouping
         self.train_samples = train_samples
+        self.per_rank_windows = per_rank_windows
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._data: Interactions | None = None
         self._windows: tuple[np.ndarray, np.ndarray] | None = None
+        self._shard: WindowShard | None = None  # this DDP rank's share of the windows (None: all of them)
         self._ground_truth = None
         self._train_mean: float | None = None
 
@@ -283,11 +289,13 @@ class RecDataModule(L.LightningDataModule):
     def train_windows(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, end) of every training window (up to ``max_len + 1`` items): ``train_samples: windows``
         cuts each user's training sequence from the end into windows of ``max_len`` targets sharing one item,
-        ``prefixes`` ends one window at each target; every target is used once (``sampling.training_windows``)."""
+        ``prefixes`` ends one window at each target; every target is used once (``sampling.training_windows``).
+        Under DDP with ``per_rank_windows``: this rank's users' windows only (``shards.rank_windows``)."""
         if self._windows is None:
             per_window, o = (self.max_len if self.train_samples == "windows" else 1), self.data.offsets
-            w_start, w_end = training_windows(o[:-1], o[1:] - HELD_OUT["val"], self.max_len, per_window,
-                                              self.train_user_weights(), self.train_users == "bootstrap")
+            w_start, w_end, self._shard = rank_windows(
+                o[:-1], o[1:] - HELD_OUT["val"], self.max_len, per_window, self.train_user_weights(),
+                self.train_users == "bootstrap", self.trainer if self.per_rank_windows else None)
             if len(w_start) == 0:
                 raise RecpostError(f"{self.source.name}: no training targets (every user has < 2 training interactions)")
             self._windows = (w_start, w_end)
@@ -300,22 +308,16 @@ class RecDataModule(L.LightningDataModule):
 
     def train_batch(self, windows: Sequence[int]) -> TrainBatch:
         """The training batch of the given window indices (rows of ``train_windows``); see ``TrainBatch``."""
-        d = self.data
-        w_start, w_end = self.train_windows()
-        idx = np.asarray(windows, dtype=np.int64)
-        s, e = w_start[idx], w_end[idx]
+        s, e = (bound[np.asarray(windows, dtype=np.int64)] for bound in self.train_windows())
         width = int((e - s).max())  # items incl. the last target; inputs are width - 1
-        items = gather_left_padded(d.item, s, e, width)  # [B, W]
-        ratings = gather_left_padded(d.rating, s, e, width, fill=0.0).astype(np.float32)
-        timestamps = gather_left_padded(d.timestamp, s, e, width)  # [B, W]
+        items, ratings, timestamps = gather_sequences(self.data, s, e, width)  # [B, W] each
         inputs, targets = items[:, :-1], items[:, 1:]
         targets = np.where(inputs > 0, targets, 0)  # the first item of a window is input only
         if self.train_samples == "prefixes":  # one target per sample: the window's last item
             targets[:, :-1] = 0
         target_ratings = np.where(targets > 0, ratings[:, 1:], 0.0)
         rewards = np.where(targets > 0, self.rewards(target_ratings), 0.0)  # no reward without a target
-        user_start = d.offsets[np.searchsorted(d.offsets, s, side="right") - 1]  # [B]
-        earlier = gather_left_padded(d.item, user_start, s, max(1, int((s - user_start).max())))  # [B, H]
+        earlier = earlier_items(self.data, s)  # [B, H]
         return {
             "input_items": torch.from_numpy(inputs),
             "input_ratings": torch.from_numpy(np.ascontiguousarray(ratings[:, :-1])),
@@ -329,12 +331,12 @@ class RecDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         w_start, w_end = self.train_windows()
-        order = {"shuffle": True}
-        if self.length_grouping:
-            order = {"sampler": LengthGroupedSampler(w_end - w_start, self.batch_size, self.length_grouping)}
+        order = LengthGroupedSampler(w_end - w_start, self.batch_size, self.length_grouping) if self.length_grouping else None
+        if self._shard is not None:  # DDP: this rank's windows, as many as every rank's (Lightning adds no sampler)
+            order = self._shard.sampler(order, len(w_start))
         return DataLoader(
-            IndexDataset(len(w_start)), batch_size=self.batch_size, collate_fn=self.train_batch,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **order,
+            IndexDataset(len(w_start)), batch_size=self.batch_size, collate_fn=self.train_batch, sampler=order,
+            shuffle=order is None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -344,17 +346,13 @@ class RecDataModule(L.LightningDataModule):
         u = np.asarray(users, dtype=np.int64)
         start = d.offsets[u]
         hist_end = d.offsets[u + 1] - HELD_OUT[split]
-        width = int(min(self.max_len, (hist_end - start).max()))
+        items, ratings, timestamps = gather_sequences(d, start, hist_end, int(min(self.max_len, (hist_end - start).max())))
         batch = {
             "user_index": torch.from_numpy(u),
-            "input_items": torch.from_numpy(gather_left_padded(d.item, start, hist_end, width)),
-            "input_ratings": torch.from_numpy(
-                gather_left_padded(d.rating, start, hist_end, width, fill=0.0).astype(np.float32)
-            ),
-            "input_timestamps": torch.from_numpy(gather_left_padded(d.timestamp, start, hist_end, width)),
-            "history_items": torch.from_numpy(
-                gather_left_padded(d.item, start, hist_end, int((hist_end - start).max()))
-            ),
+            "input_items": torch.from_numpy(items),
+            "input_ratings": torch.from_numpy(ratings),
+            "input_timestamps": torch.from_numpy(timestamps),
+            "history_items": torch.from_numpy(gather_left_padded(d.item, start, hist_end, int((hist_end - start).max()))),
         }
         if split != "predict":
             rating = d.rating[hist_end]
