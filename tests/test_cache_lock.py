@@ -6,7 +6,8 @@ import multiprocessing as mp
 from pathlib import Path
 
 from recpost.data import Table
-from recpost.data.interactions import PreprocessOptions, build_cache
+from recpost.data.cache import build_cache
+from recpost.data.interactions import PreprocessOptions
 from tests.helpers import write_tiny_interactions
 
 

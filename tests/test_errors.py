@@ -73,6 +73,9 @@ def _assets(folder: Path) -> SimpleNamespace:
                                              f"  exp_sft:\n    config: {ROOT / 'configs/method/exp_sft.yaml'}\n"
                                              f"    grid:\n      {grid}\n")
     (folder / "ok.yaml").write_text(f"name: ok\npretrain_config: {cfg}\nwandb: false\nmethods:\n  sft: {{}}\n")
+    for name, rows in (("mixed_units", [f"u{r // 4},i{r % 4},4,{1714566600 * (1000 if r == 7 else 1)}" for r in range(8)]),
+                       ("short", ["u1,a,4,1", "u1,b,4,2", "u2,a,3,1"])):  # seconds and ms in one column; no long user
+        (folder / f"{name}.csv").write_text("user_id,item_id,rating,timestamp\n" + "\n".join(rows) + "\n")
     return a
 
 
@@ -119,6 +122,11 @@ CASES = {
     "default_root_dir_read_only": (lambda a: _fit(a, "--trainer.default_root_dir", str(a.read_only)), {},
                                    "cannot be written"),
     "cache_dir_read_only": (lambda a: _fit(a), {"RECPOST_CACHE_DIR": "READ_ONLY"}, "data cache folder"),
+    # the data path (issue 27)
+    "timestamps_fit_no_single_unit": (lambda a: _fit(a, "--data.source.init_args.path", str(a.folder / "mixed_units.csv")),
+                                      {}, "which fits no single unit"),
+    "no_user_long_enough": (lambda a: _fit(a, "--data.source.init_args.path", str(a.folder / "short.csv")), {},
+                            "no user has 3 or more interactions"),
     "model_key_typo": (lambda a: _fit(a, "--model.init_args.lrr", "0.1"), {},
                        "model.init_args.lrr: no such option; did you mean lr?"),
     "backbone_key_typo": (lambda a: _fit(a, "--model.init_args.backbone.d_modle", "8"), {},

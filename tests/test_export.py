@@ -76,6 +76,17 @@ def test_the_folder_holds_safetensors_weights_json_config_item_map_and_scorer(ex
     assert weights.keys() == module.backbone.state_dict().keys()
 
 
+def test_the_folder_has_a_usage_note_and_names_its_checkpoint_without_a_path(exported):
+    _, module, ckpt, _, out = exported
+    folder = ModelFolder(out)
+    config = json.loads(folder.config.read_text())
+    assert config["checkpoint"] == {"name": "sft.ckpt", "weights_sha256": torch.load(ckpt, weights_only=True)["recpost"][
+        "weights_sha256"]}
+    assert str(ckpt.parent) not in folder.config.read_text()
+    note = folder.readme.read_text()
+    assert "recpost recommend --model <this folder>" in note and "load_pretrained" in note and "torch.export.load" in note
+
+
 def test_exported_top_k_equals_the_modules_ranking_with_the_history_masked(exported):
     dm, module, _, _, out = exported
     users = list(range(dm.data.n_users))
@@ -186,7 +197,8 @@ def test_bad_histories_get_one_line_errors(tmp_path):
         "noitems.jsonl": ('{"user_id": "u1"}\n', "needs 'user_id' and 'items'"),
         "ratings.jsonl": ('{"user_id": "u1", "items": [1, 2], "ratings": [4]}\n', "'ratings' must be a list as long as 'items'"),
         "cols.csv": ("user,item\nu1,1\n", r"missing \['user_id', 'item_id'\]"),
-        "ts.csv": ("user_id,item_id,timestamp\nu1,1,yesterday\n", "the timestamp column must hold integers"),
+        "ts.csv": ("user_id,item_id,timestamp\nu1,1,yesterday\n", "timestamp 'yesterday' in row 1 is neither a number "
+                   "nor an ISO date"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
 
 import pytest
 
-import recpost.data.interactions as interactions
+import recpost.data.cache as cache
 from recpost.data import Amazon, RecDataModule, Table
 from recpost.core.errors import RecpostError
 
@@ -137,7 +138,7 @@ def test_cache_is_reused_by_a_second_datamodule(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("preprocessing ran again although the cache was valid")
 
-    monkeypatch.setattr(interactions, "preprocess", must_not_run)
+    monkeypatch.setattr(cache, "preprocess", must_not_run)
     second = build(Table(str(tmp_path / "log.csv")), tmp_path / "cache")
     assert second.data.item.tolist() == first.data.item.tolist()
     assert len(cache_entries(tmp_path / "cache")) == 1
@@ -168,16 +169,17 @@ def test_cache_is_rebuilt_when_an_option_changes(tmp_path):
 
 def test_failed_cache_write_leaves_no_entry_behind(tmp_path, monkeypatch):
     source = Table(str(write_log(tmp_path / "log.csv", ROWS)))
-    real_save, calls = interactions._save, []
+    real_save, calls = cache._save, []
 
     def save_then_crash(table, path):
         calls.append(path)
         real_save(table, path)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(interactions, "_save", save_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(cache, "_save", save_then_crash)
+    with pytest.raises(RecpostError, match=f"no space left on the disk of {tmp_path / 'cache'} to write the data cache "
+                                           r"of table \(.* free, about .* needed\)"):
         build(source, tmp_path / "cache")
     assert cache_entries(tmp_path / "cache") == []
 

@@ -17,8 +17,6 @@ stderr and exit code 2 (``recpost.cli.console``, ``recpost.cli.arguments``).
 from __future__ import annotations
 
 import difflib
-import json
-import os
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -26,13 +24,15 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from recpost.cli.arguments import EVAL_TIME_SETTINGS, explain_parse_error, given_model_settings, refuse_training_flags
 from recpost.cli.callbacks import ElapsedTime, FitSummary, ResumeCheckpoint
-from recpost.models.checkpoint import read_checkpoint
+from recpost.models.checkpoint import AtomicCheckpointIO, read_checkpoint
 from recpost.cli.console import configure_output, quiet_evaluation_warnings, quiet_resume_warnings, user_error
 from recpost.data import RecDataModule
 from recpost.core.errors import RecpostError
+from recpost.core.files import atomic_open, write_json
 from recpost.methods import RecModule
 from recpost.core.runs import BEST_CHECKPOINT, LOGS_DIR, RunFolder, resume_point, run_folders, writable_folder
 
@@ -53,10 +53,7 @@ class MetricsWriter(L.Callback):
         if not trainer.is_global_zero or not metrics:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
-        path = RunFolder(log_dir).metrics_json(stage)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(dict(sorted(metrics.items())), indent=2))
-        os.replace(tmp, path)
+        path = write_json(RunFolder(log_dir).metrics_json(stage), dict(sorted(metrics.items())))
         print(f"{stage} metrics written to {path}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -76,13 +73,10 @@ class MetricsWriter(L.Callback):
             return
         names = list(rows)
         columns = [rows[n].double().cpu().tolist() if n != "user_index" else rows[n].cpu().tolist() for n in names]
-        path = RunFolder(log_dir).per_user_csv
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w") as fh:
+        with atomic_open(RunFolder(log_dir).per_user_csv) as fh:
             fh.write(",".join(names) + "\n")
             for values in zip(*columns):
                 fh.write(",".join(str(v) if isinstance(v, int) else f"{v:.6g}" for v in values) + "\n")
-        os.replace(tmp, path)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -117,13 +111,11 @@ class PredictionWriter(BasePredictionWriter):
         k = items.shape[1]
         log_dir.mkdir(parents=True, exist_ok=True)
         path = RunFolder(log_dir).predictions_csv
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w") as fh:
+        with atomic_open(path) as fh:
             fh.write("user_id,rank,item_id,score\n")
             for row, user in enumerate(user_ids):
                 for r in range(k):
                     fh.write(f"{user},{r + 1},{item_ids[row * k + r]},{scores[row, r].item():.6g}\n")
-        os.replace(tmp, path)
         print(f"predictions written to {path}")
 
 
@@ -222,6 +214,13 @@ class RecpostCLI(LightningCLI):
         if run is not None and self.subcommand != "fit" and not root_given:
             return {"save_dir": str(run.path), "name": self.subcommand}
         return {"save_dir": str(root)}
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The Trainer, writing checkpoints atomically in the run folder (unless a config chose its own writer)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_fit(self) -> None:
         resume = next((cb for cb in self.trainer.callbacks if isinstance(cb, ResumeCheckpoint)), None)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from recpost.core.batch import EvalBatch, TrainBatch
 from recpost.data.arrays import IndexDataset, earlier_items, gather_left_padded, gather_sequences
-from recpost.data.interactions import Interactions, PreprocessOptions, build_cache, load_cache
+from recpost.data.cache import Interactions, PreprocessOptions, build_cache, open_cache
 from recpost.data.sampling import LengthGroupedSampler
 from recpost.data.shards import WindowShard, rank_windows
 from recpost.data.sources import Source
@@ -177,7 +177,7 @@ class RecDataModule(L.LightningDataModule):
     def data(self) -> Interactions:
         """The cached interactions (built on first use; every DDP rank opens the same files)."""
         if self._data is None:
-            self._data = load_cache(build_cache(self.source, self.options, self.cache_dir))
+            self._data = open_cache(self.source, self.options, self.cache_dir)
         return self._data
 
     @property

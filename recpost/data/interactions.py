@@ -1,49 +1,26 @@
-"""Interactions -> cleaned, remapped, chronologically sorted per-user sequences, cached on disk.
+"""Interactions -> cleaned, remapped, chronologically sorted per-user sequences.
 
-The cache is an HF ``datasets`` folder (Arrow, memory-mapped on reuse) keyed by the source's
-fingerprint and the preprocessing options. It is written to a temporary folder and renamed into
-place, so concurrent ranks (DDP) or an interrupted run never leave a half-written cache that looks
-complete.
-
-Layout of one cache entry::
-
-    <cache_dir>/<source>-<key>/
-        interactions/   rows sorted by (user, timestamp, file order): user, item, rating, timestamp
-        items/          original item id of internal item i+1 (row i); internal 0 is padding
-        users/          original user id of internal user u (row u)
-        meta.json       counts, options and ``item_map_hash``
+:func:`preprocess` turns a source's validated table into the rows the cache stores (``recpost.data.cache``):
+duplicates dropped, repeats and k-core filtered, users too short for the split dropped, ids remapped to
+``1..n_items`` (0 = padding) and sorted by time. :class:`Interactions` is what a loaded cache entry gives.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
-from filelock import FileLock
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets.table import InMemoryTable
 
-from recpost.data.sources import Source
 from recpost.data.validation import validate_interactions
 from recpost.core.errors import RecpostError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: integer ids ordered by value, not as text
 MIN_USER_INTERACTIONS = 3  # train >= 1 item, a validation target, a test target
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("RECPOST_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "recpost" / "cache"
 
 
 @dataclass(frozen=True)
@@ -115,9 +92,10 @@ def _kcore(user: np.ndarray, item: np.ndarray, keep: np.ndarray, k: int) -> np.n
         keep = new_keep
 
 
-def preprocess(raw: pa.Table, where: str, rating_range: tuple[float, float], opts: PreprocessOptions) -> tuple[pa.Table, pa.Array, pa.Array, dict]:
+def preprocess(raw: pa.Table, where: str, rating_range: tuple[float, float], opts: PreprocessOptions,
+               timestamp_unit: str = "auto") -> tuple[pa.Table, pa.Array, pa.Array, dict]:
     """Validate, deduplicate, filter, remap and sort. Returns (rows, item map, user map, stats)."""
-    table = validate_interactions(raw, where, rating_range)
+    table = validate_interactions(raw, where, rating_range, timestamp_unit)
     stats: dict = {"raw_rows": table.num_rows}
     user_str, item_str = table.column("user_id"), table.column("item_id")
     user, user_map = _remap(user_str)
@@ -164,10 +142,7 @@ def preprocess(raw: pa.Table, where: str, rating_range: tuple[float, float], opt
     if stats["dropped_short_users"]:
         log.info("%s: dropped %d users with fewer than %d interactions", where, stats["dropped_short_users"], MIN_USER_INTERACTIONS)
     if not keep.any():
-        raise RecpostError(
-            f"{where}: no users left after filtering (min_interactions={opts.min_interactions}, each user needs "
-            f">= {MIN_USER_INTERACTIONS} interactions); lower data.min_interactions or use more data"
-        )
+        raise RecpostError(_no_users_left(where, opts, stats))
     user, item, ts, rating = user[keep], item[keep], ts[keep], rating[keep]
 
     # Re-densify ids after filtering: users 0..U-1, items 1..I (0 = padding).
@@ -186,97 +161,12 @@ def preprocess(raw: pa.Table, where: str, rating_range: tuple[float, float], opt
     return rows, item_map, user_map, stats
 
 
-def cache_key(source: Source, opts: PreprocessOptions) -> str:
-    payload = json.dumps(
-        {"version": CACHE_VERSION, "source": source.fingerprint(), "options": opts.__dict__}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def _save(ds_table: pa.Table, path: Path) -> None:
-    datasets.Dataset(InMemoryTable(ds_table)).save_to_disk(str(path))
-
-
-def build_cache(source: Source, opts: PreprocessOptions, cache_dir: Path | None = None) -> Path:
-    """Make sure the cache entry exists (build it atomically if not) and return its folder.
-
-    Processes that start together (every DDP rank, every node sharing the cache folder) take a file
-    lock: the first one builds the entry, the others wait and then read it. This happens when the
-    model's catalog size is linked from the data, before any process group exists, so a file lock (the
-    ``filelock`` package, as HF datasets uses) rather than a collective.
-    """
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache_dir / f"{source.name}-{cache_key(source, opts)}"
-    if (target / "meta.json").is_file():
-        return target
-    locks = cache_dir / ".locks"  # lock files stay (removing them would race), out of the entries' way
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(locks / f"{target.name}.lock"))
-        lock.acquire()
-    except OSError as exc:
-        raise RecpostError(f"the data cache folder {cache_dir} cannot be written ({exc.strerror or exc}); set "
-                           "RECPOST_CACHE_DIR (or data.cache_dir) to a writable folder") from None
-    try:
-        if (target / "meta.json").is_file():  # another process built it while we waited
-            return target
-        return _build(source, opts, cache_dir, target)
-    finally:
-        lock.release()
-
-
-def _build(source: Source, opts: PreprocessOptions, cache_dir: Path, target: Path) -> Path:
-    raw = source.load()
-    where = getattr(source, "path", None) or source.name
-    rows, item_map, user_map, stats = preprocess(raw, str(where), source.rating_range, opts)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}-"))
-    try:
-        datasets.disable_progress_bars()
-        _save(rows, tmp / "interactions")
-        _save(pa.table({"item_id": item_map}), tmp / "items")
-        _save(pa.table({"user_id": user_map}), tmp / "users")
-        meta = {
-            "source": source.fingerprint(), "options": opts.__dict__, "item_map_hash": item_map_hash(item_map),
-            "rating_range": list(source.rating_range), **stats,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another rank finished first: its copy is identical
-            if not (target / "meta.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("cached %s: %d users, %d items, %d interactions -> %s", source.name, stats["n_users"],
-             stats["n_items"], stats["rows"], target)
-    return target
-
-
-def load_cache(path: Path) -> Interactions:
-    """Open a cache entry; the Arrow columns are memory-mapped, not read into memory."""
-    datasets.disable_progress_bars()
-    meta = json.loads((path / "meta.json").read_text())
-    rows = datasets.load_from_disk(str(path / "interactions"))
-    table = rows.data.table
-
-    def col(name: str, dtype) -> np.ndarray:
-        arr = table.column(name)
-        arr = arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
-        return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-
-    user = col("user", np.int64)
-    offsets = np.zeros(meta["n_users"] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(user, minlength=meta["n_users"]), out=offsets[1:])
-    return Interactions(
-        item=col("item", np.int64),
-        rating=col("rating", np.float32),
-        timestamp=col("timestamp", np.int64),
-        offsets=offsets,
-        n_items=meta["n_items"],
-        item_map_hash=meta["item_map_hash"],
-        item_ids=datasets.load_from_disk(str(path / "items")),
-        user_ids=datasets.load_from_disk(str(path / "users")),
-        meta=meta,
-    )
+def _no_users_left(where: str, opts: PreprocessOptions, stats: dict) -> str:
+    """Why no user is left, and the fix that applies: the k-core filter, else the data itself."""
+    needs = f"each user needs >= {MIN_USER_INTERACTIONS} interactions: a training item, a validation and a test target"
+    if opts.min_interactions > 0:
+        return (f"{where}: no users left after filtering (min_interactions={opts.min_interactions}, {needs}); lower "
+                "data.min_interactions or use more data")
+    repeats = stats.get("repeat_rows", 0)
+    dropped = f"; {repeats} repeated (user, item) rows were dropped, data.keep_repeats: true keeps them" if repeats else ""
+    return f"{where}: no user has {MIN_USER_INTERACTIONS} or more interactions ({needs}){dropped}; use data with longer histories"

@@ -1,11 +1,13 @@
 """Raw data sources: each reads its files into the canonical interactions table.
 
-Canonical table (pyarrow): ``user_id`` (string), ``item_id`` (string), ``timestamp`` (int64, unix
-seconds or any non-negative order key), ``rating`` (float64). All parsing is done by Arrow's
-vectorised readers; no Python loop touches individual rows.
+Canonical table (pyarrow): ``user_id`` (string), ``item_id`` (string), ``timestamp`` (after validation:
+int64 unix seconds, or any non-negative order key; ``recpost.core.timestamps``), ``rating`` (float64). All
+parsing is done by Arrow's vectorised readers; no Python loop touches individual rows.
 
 A source also reports a ``fingerprint`` (options plus file size and mtime) that keys the on-disk
-cache, so editing a file or an option rebuilds the cache.
+cache, so editing a file or an option rebuilds the cache. Every option of a source either changes the
+fingerprint or the cache entry's name, or cannot change what is read (``tests/test_cache_integrity.py``
+holds each source to that).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from recpost.data.validation import CANONICAL_COLUMNS
 from recpost.core.errors import RecpostError
@@ -50,6 +51,8 @@ class Source(ABC):
 
     #: Valid rating interval (inclusive); values outside it are rejected as bad input.
     rating_range: tuple[float, float] = (1.0, 5.0)
+    #: The unit of numeric timestamps (``s``, ``ms``, ``us``, ``ns``), or ``auto``: detected from their size.
+    timestamp_unit: str = "auto"
 
     @property
     @abstractmethod
@@ -119,6 +122,7 @@ class MovieLens(Source):
         download: fetch the official zip from GroupLens when it is missing.
     """
 
+    timestamp_unit = "s"  # every release: unix seconds
     _LAYOUT = {
         "100k": ("ml-100k", "u.data", "\t", False, (1.0, 5.0)),
         "1m": ("ml-1m", "ratings.dat", "::", False, (1.0, 5.0)),
@@ -241,6 +245,7 @@ class Amazon(Source):
     """
 
     rating_range = (1.0, 5.0)
+    timestamp_unit = "s"  # unixReviewTime and the CSVs' fourth column: unix seconds
     _FILES = {
         2014: {"ratings": "ratings_{}.csv", "reviews": "reviews_{}.json.gz", "reviews_5core": "reviews_{}_5.json.gz"},
         2018: {"ratings": "{}.csv", "reviews": "{}.json.gz", "reviews_5core": "{}_5.json.gz"},
@@ -300,84 +305,3 @@ class Amazon(Source):
                 f"JSON object per line with {', '.join(self._REVIEW_FIELDS)}"
             ) from None
         return table.rename_columns([self._REVIEW_FIELDS[c] for c in table.column_names])
-
-
-class Table(Source):
-    """Any CSV, Parquet or JSON-lines table, with a column mapping.
-
-    Args:
-        path: the file.
-        format: ``auto`` picks from the extension (.csv/.tsv/.txt, .parquet/.pq, .jsonl/.json).
-        user_col, item_col, rating_col, timestamp_col: the file's column names.
-        delimiter: for CSV.
-        header: whether the CSV has a header row; without one, columns are named
-            ``user_id, item_id, rating, timestamp`` in that order.
-        rating_range: valid ratings (inclusive); anything outside is rejected.
-        name: cache folder name.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        format: Literal["auto", "csv", "parquet", "jsonl"] = "auto",
-        user_col: str = "user_id",
-        item_col: str = "item_id",
-        rating_col: str = "rating",
-        timestamp_col: str = "timestamp",
-        delimiter: str = ",",
-        header: bool = True,
-        rating_range: tuple[float, float] = (1.0, 5.0),
-        name: str = "table",
-    ) -> None:
-        self.path = Path(path).expanduser()
-        self.format = format
-        self.columns = {user_col: "user_id", item_col: "item_id", timestamp_col: "timestamp", rating_col: "rating"}
-        self.delimiter = delimiter
-        self.header = header
-        self.rating_range = (float(rating_range[0]), float(rating_range[1]))
-        self._name = name
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def _resolved_format(self) -> str:
-        if self.format != "auto":
-            return self.format
-        ext = self.path.suffix.lower()
-        for fmt, exts in {"csv": (".csv", ".tsv", ".txt"), "parquet": (".parquet", ".pq"), "jsonl": (".jsonl", ".json")}.items():
-            if ext in exts:
-                return fmt
-        raise RecpostError(f"cannot tell the format of {self.path} from its extension; set data.source.format")
-
-    def _check(self) -> Path:
-        if not self.path.is_file():
-            raise RecpostError(f"interactions file not found: {self.path}; set data.source.path")
-        return self.path
-
-    def fingerprint(self) -> dict:
-        return {
-            "source": "table", "format": self._resolved_format(), "columns": self.columns,
-            "delimiter": self.delimiter, "header": self.header, "file": _file_stamp(self._check()),
-        }
-
-    def load(self) -> pa.Table:
-        path = self._check()
-        fmt = self._resolved_format()
-        if fmt == "csv":
-            names = None if self.header else ["user_id", "item_id", "rating", "timestamp"]
-            usecols = self.columns if self.header else {c: c for c in CANONICAL_COLUMNS}
-            return _read_delimited(
-                path, where=str(path), column_names=names, delimiter=self.delimiter, usecols=usecols, header=self.header
-            )
-        try:
-            table = pq.read_table(path) if fmt == "parquet" else pajson.read_json(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise RecpostError(f"cannot read {path} as {fmt} ({str(exc).splitlines()[0]})") from None
-        missing = [c for c in self.columns if c not in table.column_names]
-        if missing:
-            raise RecpostError(
-                f"{path} has columns {table.column_names}, missing {missing}; set data.source.user_col / "
-                "item_col / rating_col / timestamp_col"
-            )
-        return table.select(list(self.columns)).rename_columns(list(self.columns.values()))

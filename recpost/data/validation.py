@@ -10,14 +10,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recpost.core.errors import RecpostError
+from recpost.core.timestamps import unix_seconds
 
 CANONICAL_COLUMNS = ("user_id", "item_id", "timestamp", "rating")
 
 
-def validate_interactions(table: pa.Table, where: str, rating_range: tuple[float, float]) -> pa.Table:
+def validate_interactions(table: pa.Table, where: str, rating_range: tuple[float, float],
+                          timestamp_unit: str = "auto") -> pa.Table:
     """Check and cast the canonical table; raise one ``RecpostError`` for the first problem found.
 
-    Returns a table with ``user_id``/``item_id`` as strings, ``timestamp`` int64, ``rating`` float64.
+    Returns a table with ``user_id``/``item_id`` as strings, ``timestamp`` int64 unix seconds
+    (:func:`recpost.core.timestamps.unix_seconds`: ``timestamp_unit`` declares a numeric unit, ``auto``
+    detects it), ``rating`` float64.
     """
 
     def first_row(mask: pa.ChunkedArray | pa.Array) -> int:
@@ -59,18 +63,12 @@ def validate_interactions(table: pa.Table, where: str, rating_range: tuple[float
     ts = table.column("timestamp")
     if ts.null_count:
         raise RecpostError(f"{where}: missing timestamp in row {first_row(pc.is_null(ts))}; every row needs one")
-    if not pa.types.is_integer(ts.type):
-        try:
-            ts = ts.cast(pa.int64())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise RecpostError(
-                f"{where}: timestamps must be integers (unix seconds), found type {ts.type}; convert them first"
-            ) from None
-    ts = ts.cast(pa.int64())
+    ts = unix_seconds(ts, where, timestamp_unit)  # one unit for time: integer seconds, whatever the input form
     negative = pc.less(ts, 0)
     if pc.any(negative).as_py():
         row = first_row(negative)
-        raise RecpostError(f"{where}: negative timestamp {ts[row - 1].as_py()} in row {row}; timestamps must be >= 0")
+        raise RecpostError(f"{where}: negative timestamp {ts[row - 1].as_py()} in row {row} (before 1970 once in "
+                           "seconds); timestamps must be >= 0")
     out["timestamp"] = ts
     return pa.table({c: out[c] for c in CANONICAL_COLUMNS})
 

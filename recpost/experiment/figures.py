@@ -19,6 +19,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from recpost.core.files import atomic_path  # noqa: E402
+
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not math.isnan(v)]
@@ -30,8 +32,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _save(fig, path: Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` (folders created) and free it."""
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # the temporary name keeps the .png ending, which savefig reads
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -216,7 +218,8 @@ def heatmaps(panels: dict[str, dict[tuple, float]], axes: tuple[str, str], ticks
     fig.colorbar(image, ax=list(grid[0]), label=value_label, shrink=0.8)
     fig.suptitle(textwrap.fill(title, 48), fontsize=10)  # a small map's figure is narrower than one title line
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)  # not _save: its tight_layout would undo the constrained layout of the colour bar
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)  # not _save: its tight_layout would undo the constrained layout of the colour bar
     plt.close(fig)
     return path
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recpost.core.files import atomic_open, write_text
 from recpost.experiment import figures
 from recpost.data import RecDataModule
 from recpost.experiment.plan import Plan, Stage
@@ -103,16 +104,16 @@ def write_results(rows: list[dict], out: Path, monitor: str, mode: str = "max", 
         if drawn.get(r["method"]):
             r["figures"] = [p.relative_to(out).as_posix() for p in drawn[r["method"]]]
     text = json.dumps(rows, indent=2)
-    (out / "results.json").write_text(text)
+    write_text(out / "results.json", text)
     keys = sorted({k for r in rows for k in r} - {"method", "setting", "seed", "status", "chosen", "error", "metrics_csv"})
-    with (out / "results.csv").open("w", newline="") as fh:
+    with atomic_open(out / "results.csv", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "setting", "seed", "status", "chosen", *keys])
         for r in rows:
             w.writerow([r["method"], json.dumps(r["setting"]), r["seed"], r["status"], r["chosen"],
                         *[_csv_value(r.get(k, "")) for k in keys]])
     # From the text just written, so that `recpost report` on this results.json gives the same bytes.
-    (out / "results.md").write_text(render_results(json.loads(text)))
+    write_text(out / "results.md", render_results(json.loads(text)))
 
 
 def weight_figure(study: Study, path: Path) -> Path | None:

@@ -10,10 +10,10 @@ stage whose required checkpoint is missing (that stage failed) is recorded as fa
 
 Interrupts and concurrency: one experiment per output folder at a time (a file lock, refused with one
 line for a second process); records are written to a temporary file and renamed, and one that cannot be
-read (a crash of another kind, a hand edit) means "redo the stage", with a warning. SIGINT and SIGTERM
-are passed on to the running ``recpost`` child, which the runner waits for before it stops; on Linux a
-child also dies with the runner however the runner dies (``SIGKILL`` included: a parent-death signal), so
-no training is ever left running on its own.
+read (a crash of another kind, a hand edit) means "redo the stage", with a warning. Each ``recpost`` child
+runs in its own process group; SIGINT and SIGTERM (Ctrl-C) go to that group, which is killed after
+``STOP_GRACE_SECONDS`` (a fit's files are atomic: a killed fit leaves none half-written). On Linux a child
+also dies with the runner however it dies (``SIGKILL`` too: a parent-death signal).
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from recpost.core.errors import RecpostError
+from recpost.core.files import write_json
 from recpost.experiment.plan import Plan, Stage, resolve, with_loggers
 from recpost.experiment.tracking import logger_config, wandb_mode, wandb_settings
 from recpost.core.runs import latest_run, run_folders, writable_folder
 
 MARKER = "stage.json"
 LOCK = ".experiment.lock"
-# After SIGINT / SIGTERM is passed on, how long the child may take to stop before it is killed.
-STOP_GRACE_SECONDS = 30
+STOP_GRACE_SECONDS = 3  # after SIGINT / SIGTERM is passed on, the child's group may take this long to stop
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 # The second test of a stage with all_targets (over every held-out target): its job name and metric prefix.
@@ -146,13 +146,13 @@ def _die_with_parent(parent: int) -> None:
 
 @contextmanager
 def _passing_on_signals(proc: subprocess.Popen) -> Iterator[list[int]]:
-    """While ``proc`` runs, SIGINT and SIGTERM sent to the runner go to ``proc``; the list collects them."""
+    """While ``proc`` runs, SIGINT and SIGTERM sent to the runner go to its process group (listed as they come)."""
     received: list[int] = []
 
     def pass_on(signum, frame) -> None:
         received.append(signum)
         if proc.poll() is None:
-            proc.send_signal(signum)
+            _signal_group(proc, signum)
 
     previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -160,6 +160,25 @@ def _passing_on_signals(proc: subprocess.Popen) -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to ``proc``'s process group (its own, from ``start_new_session``) while it has members."""
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """``STOP_GRACE_SECONDS`` for the child to stop, then its group is killed, workers included (a fit still
+    importing or building its data may not look at an interrupt for much longer)."""
+    try:
+        proc.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
 
 
 class Runner:
@@ -330,18 +349,14 @@ class Runner:
         parent = os.getpid()
         with log.open("w") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "recpost", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                    env=self.env, preexec_fn=lambda: _die_with_parent(parent))
+                                    env=self.env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent))
             with _passing_on_signals(proc) as received:
                 while proc.poll() is None and not received:
                     time.sleep(0.5)
                     if task is not None and watch is not None:
                         self.progress.update(task, completed=_epochs_done(watch))
                 if received:
-                    try:
-                        proc.wait(timeout=STOP_GRACE_SECONDS)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                    _stop(proc)
         if task is not None:
             self.progress.remove_task(task)
         if received:
@@ -377,10 +392,8 @@ def _epochs_done(fit_root: Path) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write ``obj`` to a temporary file and rename it: an interrupted write never leaves half a record."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Write ``obj`` atomically (``recpost.core.files``): an interrupted write never leaves half a record."""
+    write_json(path, obj)
 
 
 def _say(msg: str) -> None:

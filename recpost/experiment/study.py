@@ -167,8 +167,9 @@ def parse_study(raw: dict, cfg_path: Path, quick: bool = False) -> Study:
     scaled = _quick(raw, cfg_path)  # checked whether or not --quick is given: a typo there stops here too
     if quick:
         if scaled is None:
-            raise RecpostError(f"{cfg_path} has no quick: section, so --quick cannot scale it down; drop --quick, "
-                               "or add one (see configs/experiments/paper_ml100k.yaml)")
+            raise RecpostError(f"{cfg_path} has no quick: section, so --quick cannot scale it down (--quick applies a "
+                               "study's own quick: section; the paper studies and sim_regimes.yaml have one); run it "
+                               "without --quick, or add one (see configs/experiments/paper_ml100k.yaml)")
         raw = scaled
     for name in raw["methods"]:
         if name in RESERVED_METHODS:

@@ -14,13 +14,15 @@ exists and is readable, loads safely, is a checkpoint, and its weights still has
 when it was saved (a file modified or corrupted since is refused; ``RECPOST_ALLOW_EDITED_CHECKPOINTS=1``
 loads a deliberately edited one, with a warning). Then :func:`check_catalog` refuses weights trained on
 another catalog. Nobody else builds or reads checkpoint dicts: :func:`save_checkpoint` writes one
-outside a Trainer (``recpost bench``, tests).
+outside a Trainer (``recpost bench``, tests), and :class:`AtomicCheckpointIO` is the Trainer's writer; both
+write atomically (``recpost.core.files``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -32,9 +34,11 @@ from typing import Any
 
 import lightning
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 from recpost.core.errors import RecpostError
+from recpost.core.files import write_bytes
 from recpost.models import Backbone, BackboneConfig, RatingHead, RatingModel, build_backbone, freeze
 
 TRAIN_A_REWARD_MODEL = (
@@ -109,8 +113,27 @@ def save_checkpoint(module: nn.Module, path: str | Path) -> Path:
     hparams = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in module.hparams.items()}
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": {"_class_path": class_path, **hparams},
                   "pytorch-lightning_version": lightning.__version__}
-    torch.save(stamp(checkpoint, class_path), path)
+    buffer = io.BytesIO()
+    torch.save(stamp(checkpoint, class_path), buffer)
+    write_bytes(path, buffer.getbuffer())  # atomic: a failed write leaves the previous file as it was
     return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic where the run folder is: ``best.ckpt`` and ``last.ckpt`` are
+    written to a temporary file beside them, synced, then renamed over the old one
+    (:mod:`recpost.core.files`). Lightning's own writer stages the file in the system's temp dir and moves
+    it, which is a copy over the old checkpoint when the run folder is on another disk: on a full disk that
+    leaves a truncated ``last.ckpt`` and destroys the previous good one. Here a failed write leaves the
+    previous checkpoint loadable and ends in one line naming the checkpoint and the free space."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()  # serialised first: its size is checked against the free space before writing
+        torch.save(checkpoint, buffer)
+        write_bytes(path, buffer.getbuffer())
+
 
 
 def read_checkpoint(path: str | Path, what: str, how: str = PASS_A_FIT_CHECKPOINT) -> dict:

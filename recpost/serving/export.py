@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,8 @@ from recpost.models.checkpoint import backbone_config, check_catalog, policy_bac
 from recpost.data import RecDataModule
 from recpost.core.errors import RecpostError
 from recpost.models import Backbone
+from recpost.core.files import atomic_folder
+from recpost.models.checkpoint import STAMP, weights_sha256
 from recpost.serving.pretrained import FORMAT, FORMAT_VERSION, SCORER_INPUTS, ModelFolder
 from recpost.core.runs import RunFolder
 
@@ -84,7 +84,8 @@ def export(ckpt_path: str, out: str, config: list[str] | str | None = None, over
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "recpost_version": __version__, "torch_version": torch.__version__,
         "method": hparams.get("_class_path") or _config_class_path(configs),
-        "checkpoint": str(Path(ckpt_path).expanduser().resolve()),
+        # the checkpoint's name and the hash of its weights, not its path: the folder is meant to be moved
+        "checkpoint": {"name": Path(ckpt_path).name, "weights_sha256": checkpoint_weights_sha256(ckpt)},
         "backbone": dataclasses.asdict(backbone_config(hparams)),
         "n_items": backbone.n_items, "max_len": max_len, "item_map_hash": hparams.get("item_map_hash", ""),
         "scorer": {"format": "torch.export", "inputs": list(inputs),
@@ -174,26 +175,67 @@ def _config_class_path(configs: list[Path]) -> str | None:
 
 def _write_atomically(target: Path, overwrite: bool, backbone: Backbone, config: dict, item_ids: list[str],
                       program: torch.export.ExportedProgram) -> None:
-    """Write the folder under a temporary name and rename it into place: an interrupted export never leaves a
-    folder that looks complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ModelFolder(Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-")))
-    try:
+    """Write the folder under a temporary name and rename it into place (``recpost.core.files.atomic_folder``):
+    an interrupted or failed export never leaves a folder that looks complete, and an overwritten one stays
+    as it was until the new one is whole."""
+    if target.exists() and not target.is_dir():
+        target.unlink()  # --overwrite of a file (checked before anything was written)
+    with atomic_folder(target, replace=True) as path:
+        tmp = ModelFolder(path)
         save_file({k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}, tmp.weights,
                   metadata={"format": "pt"})
         tmp.config.write_text(json.dumps(config, indent=2) + "\n")
         tmp.item_map.write_text(json.dumps({str(i + 1): item for i, item in enumerate(item_ids)}) + "\n")
+        tmp.readme.write_text(usage_note(config))
         torch.export.save(program, tmp.scorer)
         _check_program(tmp.scorer, backbone, tuple(config["scorer"]["inputs"]), config["max_len"])
         _readable_by_all(tmp)
-        if target.is_dir():  # empty, or --overwrite (checked before anything was written)
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        os.rename(tmp.path, target)
-    finally:
-        if tmp.path.exists():
-            shutil.rmtree(tmp.path, ignore_errors=True)
+
+
+def checkpoint_weights_sha256(ckpt: dict) -> str:
+    """The SHA-256 of the checkpoint's weights: the one it was stamped with (checked by ``read_checkpoint``)."""
+    stamped = ckpt.get(STAMP)
+    return stamped["weights_sha256"] if isinstance(stamped, dict) else weights_sha256(ckpt["state_dict"])
+
+
+def usage_note(config: dict) -> str:
+    """The folder's README.md: what it holds and the three ways to use it."""
+    needs = [n for n in config["scorer"]["inputs"] if n != "items"]
+    history = '{"user_id": "u1", "items": ["50", "172"]' + "".join(
+        f', "{n}": {[4.0, 5.0] if n == "ratings" else [1700000000, 1700003600]}' for n in needs) + "}"
+    reads = ("Each history needs its " + " and ".join(needs) + "; " if needs else "") + (
+        "timestamps are unix seconds (or ISO dates; ms, us or ns are detected), as in training." if "timestamps" in needs
+        else "")
+    return f"""# {config["method"]} recommender (exported by recpost {config["recpost_version"]})
+
+Top-k items for new users' histories, over {config["n_items"]:,} items (the last {config["max_len"]} items of a
+history are read). Exported from the checkpoint `{config["checkpoint"]["name"]}` (weights SHA-256
+`{config["checkpoint"]["weights_sha256"][:16]}...`). {reads}
+
+| file | what |
+|---|---|
+| `model.safetensors` | the backbone's weights |
+| `config.json` | backbone settings, catalog size, `max_len`, the scorer's inputs, versions |
+| `item_map.json` | internal item id (1..n_items) -> the data's item id |
+| `scorer.pt2` | a `torch.export` program: left-padded histories -> scores of every item |
+
+With recpost, from a shell (histories as JSON lines, one user each, or a CSV `user_id,item_id[,timestamp,rating]`):
+
+    echo '{history}' > histories.jsonl
+    recpost recommend --model <this folder> --histories histories.jsonl --k 10
+
+In Python:
+
+    import recpost
+    model = recpost.load_pretrained("<this folder>")
+    model.recommend([{history}], k=10)
+
+With torch alone (internal ids, left-padded with 0; column 0 of the scores is padding):
+
+    import torch
+    scorer = torch.export.load("<this folder>/scorer.pt2").module()
+    scores = scorer({", ".join(f"{n}[B, L]" for n in config["scorer"]["inputs"])})  # -> [B, n_items + 1]
+"""
 
 
 def _readable_by_all(folder: ModelFolder) -> None:

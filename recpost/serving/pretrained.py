@@ -9,6 +9,7 @@ to serve (the layout is :class:`ModelFolder`, defined here and only here)::
     item_map.json       internal item id (1..n_items) -> the source's item id
     scorer.pt2          a ``torch.export`` program: left-padded histories -> catalog scores; runs with
                         ``torch`` alone (``torch.export.load(path).module()(items)``)
+    README.md           a usage note for people
 
 :class:`PretrainedRecommender` maps source ids to internal ids, runs the scorer, masks what the user
 already had (as the evaluation does) and returns the top-k in source ids. Items the model has never
@@ -18,15 +19,18 @@ holds items that appeared after training.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from recpost.core.errors import RecpostError
+from recpost.core.timestamps import unix_seconds
 from recpost.evaluation import mask_items
 
 FORMAT = "recpost-model"
@@ -57,6 +61,11 @@ class ModelFolder:
     @property
     def scorer(self) -> Path:
         return self.path / "scorer.pt2"
+
+    @property
+    def readme(self) -> Path:
+        """A usage note for people (not read by recpost; folders exported before it have none)."""
+        return self.path / "README.md"
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -115,11 +124,30 @@ def _checked(history: History) -> History:
         values = getattr(history, name)
         if values is None:
             continue
-        if not isinstance(values, Sequence) or len(values) != len(history.items):
+        if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) or len(values) != len(history.items):
             raise RecpostError(f"{who}: '{name}' must be a list as long as 'items' ({len(history.items)})")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
-            raise RecpostError(f"{who}: '{name}' must hold numbers")
+        kinds = (int, float) if name == "ratings" else (int, float, str, datetime.date)
+        if any(isinstance(v, bool) or not isinstance(v, kinds) for v in values):
+            raise RecpostError(f"{who}: '{name}' must hold numbers" + (" or ISO dates" if name == "timestamps" else ""))
     return history
+
+
+def in_seconds(histories: list[History], unit: str = "auto", declare: str = "timestamp_unit",
+               where: str = "the histories' timestamps") -> list[History]:
+    """The histories with their timestamps as integer unix seconds, by the data loader's rule
+    (``recpost.core.timestamps``): numbers in ``unit`` (``auto``: detected over all the histories together, as
+    over a data file's column), or ISO dates and date-times. The model was trained on seconds."""
+    given = [h for h in histories if h.timestamps is not None]
+    if not given:
+        return histories
+    try:
+        values = pa.array([t for h in given for t in h.timestamps])
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise RecpostError(f"{where} mix numbers and text; give all of them as unix seconds (or ms, us, ns) or all "
+                           "as ISO dates") from None
+    seconds = iter(unix_seconds(values, where, unit, declare).to_pylist())
+    return [History(h.user_id, h.items, h.ratings, None if h.timestamps is None else [next(seconds) for _ in h.timestamps])
+            for h in histories]
 
 
 class PretrainedRecommender:
@@ -147,15 +175,18 @@ class PretrainedRecommender:
         with torch.no_grad():
             return self._scorer(*(given[name].to(self.device) for name in self.inputs))
 
-    def recommend(self, histories: Sequence, k: int = 10, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Recommendation]:
+    def recommend(self, histories: Sequence, k: int = 10, batch_size: int = DEFAULT_BATCH_SIZE,
+                  timestamp_unit: str = "auto") -> list[Recommendation]:
         """The top-``k`` items each history has not had, best first, in source ids.
 
         ``histories``: per user, a list of item ids (oldest first) or a mapping with ``items`` and optional
-        ``user_id``, ``ratings`` and ``timestamps`` (the items are put in time order when given).
+        ``user_id``, ``ratings`` and ``timestamps`` (the items are put in time order when given). Timestamps
+        follow the data loader's rule (:func:`in_seconds`): unix seconds, or ms / us / ns (declared with
+        ``timestamp_unit`` or detected), or ISO dates and date-times.
         """
         if k < 1:
             raise RecpostError(f"k must be >= 1 (got {k})")
-        histories = [as_history(h, i) for i, h in enumerate(histories)]
+        histories = in_seconds([as_history(h, i) for i, h in enumerate(histories)], timestamp_unit)
         # Batches of similar lengths: a batch is padded to its longest history, so mixing lengths wastes work.
         order = sorted(range(len(histories)), key=lambda i: len(histories[i].items))
         out: list[Recommendation | None] = [None] * len(histories)

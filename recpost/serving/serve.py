@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from recpost.core.errors import RecpostError
-from recpost.serving.pretrained import DEFAULT_BATCH_SIZE, History, Recommendation, as_history, load_pretrained
+from recpost.core.files import write_text
+from recpost.serving.pretrained import DEFAULT_BATCH_SIZE, History, Recommendation, as_history, in_seconds, load_pretrained
 
 REPORTED_USERS = 10  # users with unknown items listed one per line on stderr; the rest are counted
 SCORE_DIGITS = 6  # significant digits of the scores written out (fp32 logits carry about 7)
@@ -33,6 +33,7 @@ def recommend(
     format: Literal["jsonl", "csv"] = "jsonl",
     out: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = "auto",
 ) -> None:
     """Top-k unseen items for the histories of new users, in source ids, from an exported model folder.
 
@@ -46,31 +47,31 @@ def recommend(
             ``user_id,rank,item_id,score``.
         out: output file (written whole or not at all); default: standard output.
         batch_size: users scored together.
+        timestamp_unit: the unit of numeric timestamps; ``auto`` detects it from their size, as the data loader does
+            (ISO dates and date-times need none). The model reads them as unix seconds, as it was trained.
     """
     if k < 1 or batch_size < 1:
         raise RecpostError(f"--k and --batch_size must be >= 1 (got {k} and {batch_size})")
     recommender = load_pretrained(model)
-    users = read_histories(Path(histories).expanduser())
+    users = read_histories(Path(histories).expanduser(), timestamp_unit)
     started = time.perf_counter()
-    recs = recommender.recommend(users, k=k, batch_size=batch_size)
+    recs = recommender.recommend(users, k=k, batch_size=batch_size, timestamp_unit="s")
     seconds = time.perf_counter() - started
     text = render_jsonl(recs) if format == "jsonl" else render_csv(recs)
     if out:
-        path = Path(out).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(Path(out).expanduser(), text)
     else:
         sys.stdout.write(text)
     report(recs, seconds, batch_size, listed_in_output=format == "jsonl")
 
 
-def read_histories(path: Path) -> list[History]:
-    """The histories in ``path`` (JSON lines, or a long CSV when the name ends in ``.csv``)."""
+def read_histories(path: Path, timestamp_unit: str = "auto") -> list[History]:
+    """The histories in ``path`` (JSON lines, or a long CSV when the name ends in ``.csv``), timestamps in unix
+    seconds by the data loader's rule (``timestamp_unit``: the unit of numeric ones, ``auto`` detects it)."""
     if not path.is_file():
         raise RecpostError(f"--histories: file not found: {path}")
-    return read_csv_histories(path) if path.suffix.lower() == ".csv" else read_jsonl_histories(path)
+    histories = read_csv_histories(path) if path.suffix.lower() == ".csv" else read_jsonl_histories(path)
+    return in_seconds(histories, timestamp_unit, "--timestamp_unit", where=f"{path}: the timestamps")
 
 
 def read_jsonl_histories(path: Path) -> list[History]:
@@ -111,16 +112,18 @@ def read_csv_histories(path: Path) -> list[History]:
     if table.num_rows == 0:
         raise RecpostError(f"{path} holds no histories")
     columns = {}
-    for name, kind in (("timestamp", pa.int64()), ("rating", pa.float64())):
+    for name in ("timestamp", "rating"):
         if name in table.column_names:
             column = table.column(name)
             if column.null_count:
                 raise RecpostError(f"{path}: empty {name} in some rows; give one in every row or drop the column")
+            if name == "timestamp":  # numbers, ISO dates or Arrow's own dates: in_seconds reads each
+                columns[name] = column.to_pylist()
+                continue
             try:
-                columns[name] = column.cast(kind).to_pylist()
+                columns[name] = column.cast(pa.float64()).to_pylist()
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise RecpostError(f"{path}: the {name} column must hold {'integers' if name == 'timestamp' else 'numbers'} "
-                                   f"(found {column.type})") from None
+                raise RecpostError(f"{path}: the {name} column must hold numbers (found {column.type})") from None
     users, items = table.column("user_id").to_pylist(), table.column("item_id").to_pylist()
     by_user: dict[str, History] = {}
     for row, (user, item) in enumerate(zip(users, items)):

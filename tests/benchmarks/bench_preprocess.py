@@ -23,7 +23,8 @@ import pyarrow as pa
 import pytest
 
 from recpost.data import MovieLens, Simulator, Source
-from recpost.data.interactions import PreprocessOptions, build_cache, load_cache
+from recpost.data.cache import build_cache, load_cache
+from recpost.data.interactions import PreprocessOptions
 from recpost.data.simulator import WorldConfig
 
 # name: (users, items, min_seq_len, max_seq_len, candidates) -> ~users * (min + max) / 2 interactions
