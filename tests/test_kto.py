@@ -12,13 +12,20 @@ import yaml
 from recpost.core.errors import RecpostError
 from recpost.methods import KTO
 from recpost.methods.kto import kto_loss
-from tests.helpers import build
+from tests.helpers import build, pretrained_checkpoint, tiny_datamodule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
 
 
-def _kto(rlhf_setup, **kw) -> KTO:
-    dm, pre, _ = rlhf_setup
+@pytest.fixture
+def kto_setup(tmp_path):
+    """(datamodule, pretrained checkpoint): KTO needs no reward model."""
+    dm = tiny_datamodule(tmp_path)
+    return dm, pretrained_checkpoint(dm, tmp_path / "pre.ckpt")
+
+
+def _kto(kto_setup, **kw) -> KTO:
+    dm, pre = kto_setup
     return build(KTO, dm, **{"init_from": str(pre), **kw})
 
 
@@ -45,10 +52,10 @@ def test_the_gradient_pushes_desirable_log_ratios_up_and_undesirable_ones_down()
     assert (descent[desirable] > 0).all() and (descent[~desirable] < 0).all()
 
 
-def test_at_the_start_the_loss_is_half_the_weights_and_z0_is_zero(rlhf_setup):
+def test_at_the_start_the_loss_is_half_the_weights_and_z0_is_zero(kto_setup):
     # policy == reference: every log-ratio is 0, so z0 = 0 and each example's loss is weight * (1 - sigmoid(0)).
-    kto = _kto(rlhf_setup, desirable_weight=1.0, undesirable_weight=3.0)
-    batch = rlhf_setup[0].train_batch(list(range(32)))
+    kto = _kto(kto_setup, desirable_weight=1.0, undesirable_weight=3.0)
+    batch = kto_setup[0].train_batch(list(range(32)))
     loss, logs = kto.training_loss(batch)
     n_d, n_u = logs["count/desirable"].item(), logs["count/undesirable"].item()
     ratings = batch["next_ratings"][batch["next_items"] > 0]
@@ -58,14 +65,14 @@ def test_at_the_start_the_loss_is_half_the_weights_and_z0_is_zero(rlhf_setup):
 
 
 @pytest.mark.parametrize("sharper", ["reference", "policy"])
-def test_the_loss_and_z0_equal_a_dense_computation(rlhf_setup, sharper):
+def test_the_loss_and_z0_equal_a_dense_computation(kto_setup, sharper):
     # Dense masked log-softmax over the catalog, mismatched pairs by hand: the item logged at the same position of
     # the previous window; z0 = their mean log-ratio, clamped at 0, without gradient. A sharper reference puts
     # other users' items below the policy (z0 > 0); a sharper policy puts them above (the clamp gives z0 = 0).
-    kto = _kto(rlhf_setup, beta=0.3, undesirable_weight=1.5)
+    kto = _kto(kto_setup, beta=0.3, undesirable_weight=1.5)
     with torch.no_grad():
         getattr(kto, "reference" if sharper == "reference" else "backbone").item_emb.weight.mul_(4.0)
-    batch = rlhf_setup[0].train_batch(list(range(32)))
+    batch = kto_setup[0].train_batch(list(range(32)))
     loss, logs = kto.training_loss(batch)
 
     liked, ratings, items = batch["next_liked"], batch["next_ratings"], batch["next_items"]
@@ -86,10 +93,10 @@ def test_the_loss_and_z0_equal_a_dense_computation(rlhf_setup, sharper):
     assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-5)
 
 
-def test_a_few_steps_raise_desirable_log_ratios_and_lower_undesirable_ones(rlhf_setup):
+def test_a_few_steps_raise_desirable_log_ratios_and_lower_undesirable_ones(kto_setup):
     torch.manual_seed(0)
-    kto = _kto(rlhf_setup, beta=0.1)
-    batch = rlhf_setup[0].train_batch(list(range(64)))
+    kto = _kto(kto_setup, beta=0.1)
+    batch = kto_setup[0].train_batch(list(range(64)))
     opt = torch.optim.Adam(kto.parameters(), lr=1e-2)
     for _ in range(3):
         loss, _ = kto.training_loss(batch)
@@ -100,9 +107,9 @@ def test_a_few_steps_raise_desirable_log_ratios_and_lower_undesirable_ones(rlhf_
     assert logs["rewards/chosen"] > 0 > logs["rewards/rejected"]
 
 
-def test_a_batch_without_examples_has_zero_loss_that_reaches_every_parameter(rlhf_setup):
-    kto = _kto(rlhf_setup)
-    batch = rlhf_setup[0].train_batch(list(range(32)))
+def test_a_batch_without_examples_has_zero_loss_that_reaches_every_parameter(kto_setup):
+    kto = _kto(kto_setup)
+    batch = kto_setup[0].train_batch(list(range(32)))
     batch["next_ratings"] = torch.where(batch["next_items"] > 0, 3.0, 0.0)  # all neutral: neither kind
     batch["next_liked"] = torch.zeros_like(batch["next_liked"])
     loss, logs = kto.training_loss(batch)
@@ -118,9 +125,9 @@ def test_a_batch_without_examples_has_zero_loss_that_reaches_every_parameter(rlh
     ({"undesirable_weight": -1.0}, "model.undesirable_weight must be > 0"),
     ({"undesirable_max_rating": float("inf")}, "model.undesirable_max_rating must be a finite number"),
 ])
-def test_bad_settings_are_one_clear_error(rlhf_setup, kw, message):
+def test_bad_settings_are_one_clear_error(kto_setup, kw, message):
     with pytest.raises(RecpostError, match=message) as info:
-        _kto(rlhf_setup, **kw)
+        _kto(kto_setup, **kw)
     assert "\n" not in str(info.value)
 
 
@@ -128,14 +135,14 @@ def test_bad_settings_are_one_clear_error(rlhf_setup, kw, message):
     (4.0, "model.undesirable_max_rating 4 must be below data.liked_threshold 4"),
     (0.5, "model.undesirable_max_rating 0.5 is below the data's lowest rating 1: no target would be undesirable"),
 ])
-def test_thresholds_the_data_cannot_honour_are_refused_before_training(rlhf_setup, worst, message):
+def test_thresholds_the_data_cannot_honour_are_refused_before_training(kto_setup, worst, message):
     with pytest.raises(RecpostError, match=message):
-        _kto(rlhf_setup, undesirable_max_rating=worst).check_thresholds(rlhf_setup[0])
+        _kto(kto_setup, undesirable_max_rating=worst).check_thresholds(kto_setup[0])
 
 
-def test_kto_needs_no_reward_model(rlhf_setup):
+def test_kto_needs_no_reward_model(kto_setup):
     assert not KTO.needs_reward_model({}) and KTO.takes_reward_model
-    assert "reward_model" not in _kto(rlhf_setup)._frozen
+    assert "reward_model" not in _kto(kto_setup)._frozen
 
 
 def test_the_kto_config_holds_trls_defaults_and_valid_settings():
