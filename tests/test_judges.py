@@ -1,9 +1,11 @@
-"""Reward models as judges (``judges``): judge_reward@10, its spread across judges, and bad settings."""
+"""Judges (``judges``): judge_reward@10, its spread across judges, their agreement with the training RM
+(``judge_reference``: rank correlation and top-10 overlap), and bad settings."""
 
 from __future__ import annotations
 
 import csv
 import math
+import shutil
 import statistics
 import sys
 
@@ -12,7 +14,9 @@ import torch
 
 from recpost.models.checkpoint import load_reward_model
 from recpost.core.errors import RecpostError
-from recpost.evaluation import CatalogRanking, RankingMetrics, judge_rewards, judge_spread
+from recpost.evaluation import (
+    CatalogRanking, RankingMetrics, judge_rewards, judge_spread, judge_values, rank_correlation, top_overlap,
+)
 from recpost.methods import PPO, SFT
 from recpost.core.runs import latest_run
 from tests.helpers import build, pretrained_checkpoint, reward_model_checkpoint, tiny_datamodule
@@ -111,3 +115,87 @@ def test_judges_given_at_test_time_score_a_trained_policy(tiny_config, monkeypat
     with latest_run(root).per_user_csv.open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 101 and "judge_reward@10" in rows[0]  # every tiny user: for the paired bootstrap
+
+
+# ----------------------------------------------------------------------------------- agreement with the training RM
+class TableJudge:
+    """A judge whose predicted ratings are a fixed table ``[B, V + 1]`` (the batch's users in order)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+
+    def predict_rewards(self, input_items, input_ratings, candidates=None, input_timestamps=None):
+        return self.table if candidates is None else self.table.gather(1, candidates)
+
+    def column_scorer(self, input_items, input_ratings, input_timestamps=None):
+        def score(columns):
+            out = self.table[:, columns].clone()
+            if isinstance(columns, slice) and not columns.start:
+                out[:, 0] = float("-inf")
+            return out
+        return score
+
+
+def test_spearman_is_one_for_the_same_order_and_minus_one_for_the_reverse():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.3, 0.1, 0.2, 0.4]])
+    assert rank_correlation(a, a).tolist() == pytest.approx([1.0, 1.0])
+    assert rank_correlation(a, 10 * a + 3).tolist() == pytest.approx([1.0, 1.0])  # only the order counts
+    assert rank_correlation(a, -a).tolist() == pytest.approx([-1.0, -1.0])
+    # by hand, ties sharing their mean rank: ranks (0, 1, 2, 3) against (0.5, 0.5, 2, 3)
+    tied = rank_correlation(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[5.0, 5.0, 6.0, 7.0]]))
+    ra, rb = torch.tensor([-1.5, -0.5, 0.5, 1.5]), torch.tensor([-1.0, -1.0, 0.5, 1.5])
+    assert tied.item() == pytest.approx(float((ra * rb).sum() / (ra.norm() * rb.norm())))
+    assert rank_correlation(a[:1], torch.ones(1, 4)).tolist() == [0.0]  # a constant side has no order
+
+
+def test_top_overlap_counts_the_shared_items():
+    a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    assert top_overlap(a, a).tolist() == [1.0, 1.0]
+    assert top_overlap(a, torch.tensor([[4, 3, 2, 1], [5, 6, 7, 8]])).tolist() == [1.0, 0.0]
+    assert top_overlap(a, torch.tensor([[9, 1, 2, 8], [4, 9, 9, 9]])).tolist() == [0.5, 0.25]
+
+
+def test_a_judge_identical_to_the_reference_agrees_fully_and_a_reversed_one_not_at_all():
+    torch.manual_seed(0)
+    n_items = 30
+    table = torch.rand(4, n_items + 1) * 4 + 1  # the training RM's predicted ratings [B, V + 1]
+    reference, same, reversed_ = TableJudge(table), TableJudge(table.clone()), TableJudge(6 - table)
+    batch = {"input_items": torch.ones(4, 3, dtype=torch.long), "input_ratings": torch.ones(4, 3)}
+    top = torch.stack([torch.randperm(n_items)[:10] + 1 for _ in range(4)])  # a policy's top 10 [B, 10]
+    history = torch.tensor([[1, 2], [3, 0], [0, 0], [5, 6]])
+    values = judge_values([same, reversed_], batch, top, reference, n_columns=n_items + 1, chunk_size=7, history=history)
+    assert values["judge0_rank_corr@10"].tolist() == pytest.approx([1.0] * 4)
+    assert values["judge1_rank_corr@10"].tolist() == pytest.approx([-1.0] * 4)
+    assert values["judge_rank_corr@10"].tolist() == pytest.approx([0.0] * 4)  # the mean over the two judges
+    assert values["judge0_rm_overlap@10"].tolist() == [1.0] * 4
+    # the reversed judge's top 10 is the RM's bottom 10 of the 28-30 unmasked items: none shared
+    assert values["judge1_rm_overlap@10"].tolist() == [0.0] * 4
+    assert values["judge0_reward@10"].tolist() == pytest.approx(table.gather(1, top).mean(1).tolist())
+    # the whole catalog at once ranks the same top 10s as 7 columns at a time
+    whole = judge_values([same, reversed_], batch, top, reference, n_columns=n_items + 1, history=history)
+    assert all(torch.equal(whole[k], values[k]) for k in values)
+    assert judge_values([same], batch, top)["judge_reward@10"].shape == (4,)  # no reference: ratings only
+
+
+def test_a_policy_with_judges_and_a_judge_reference_logs_the_agreement(tmp_path):
+    dm = tiny_datamodule(tmp_path)
+    rm = reward_model_checkpoint(dm, tmp_path / "rm.ckpt", seed=7)
+    judges = [str(reward_model_checkpoint(dm, tmp_path / f"judge{k}.ckpt", seed=k)) for k in range(2)]
+    sft = build(SFT, dm, judges=judges, judge_reference=str(rm)).eval()
+    names = sft.extra_metric_names()
+    assert {"judge_rank_corr@10", "judge0_rank_corr@10", "judge1_rm_overlap@10", "judge_rm_overlap@10"} <= set(names)
+    batch = dm.eval_batch(list(range(16)), "test")
+    with torch.no_grad():
+        values = sft.extra_metrics(batch, sft.catalog_scores(batch))
+    assert set(names) == set(values) and all(v.shape == (16,) for v in values.values())
+    assert all(-1.0 <= float(v.min()) and float(v.max()) <= 1.0 for k, v in values.items() if "corr" in k)
+    # a judge that is a copy of the training RM (another file, the same weights) agrees fully with it
+    copy = tmp_path / "copy_of_rm.ckpt"
+    shutil.copy(rm, copy)
+    itself = build(SFT, dm, judges=[str(copy)], judge_reference=str(rm)).eval()
+    with torch.no_grad():
+        values = itself.extra_metrics(batch, itself.catalog_scores(batch))
+    assert values["judge0_rank_corr@10"].tolist() == pytest.approx([1.0] * 16)
+    assert values["judge0_rm_overlap@10"].tolist() == [1.0] * 16
+    with pytest.raises(RecpostError, match="is also one of model.judges"):
+        SFT.check_settings(judges=[str(rm)], judge_reference=str(rm))

@@ -78,7 +78,9 @@ def test_judges_are_trained_on_their_own_seeds_and_bootstrap_resamples(tmp_path,
     for judge, seed in zip(judges, judge_seeds):  # each judge on its own bootstrap resample of the users
         assert "--data.train_users=bootstrap" in judge.fit_args and f"--data.train_users_seed={seed}" in judge.fit_args
         assert (judge.monitor, judge.mode, judge.method) == ("val/rmse", "min", "judge")
-    assert not any("bootstrap" in str(a) for s in training for a in s.fit_args)
+    assert not any("bootstrap" in str(a) for a in training[0].fit_args)  # the study's RM: every user
+    for member, seed in zip(training[1:], (1 + ENSEMBLE_SEED_OFFSET, 1 + ENSEMBLE_SEED_OFFSET + 1000)):  # RS-DPO's others
+        assert "--data.train_users=bootstrap" in member.fit_args and f"--data.train_users_seed={seed}" in member.fit_args
     # the judges are continued from the base model, like the reward model
     assert all(CheckpointOf("--model.init_args.init_from", "seed1/base") in j.fit_args for j in judges)
 
@@ -283,7 +285,8 @@ def test_the_runner_stores_the_all_targets_test_and_the_table_reports_judges_and
     sft = next(r for r in rows if r["method"] == "sft")
     assert (sft["test/ndcg@10"], sft["test_all/ndcg@10"], sft["test/judge_reward@10"]) == (0.3, 0.2, 4.0)
     judge_rows = [r for r in rows if r["method"] == "judge"]
-    assert [r["setting"] for r in judge_rows] == [{"judge": k} for k in range(3)] and "test_all/ndcg@10" not in judge_rows[0]
+    assert [r["setting"] for r in judge_rows] == [{"judge": k, "kind": "same_base"} for k in range(3)]
+    assert "test_all/ndcg@10" not in judge_rows[0]
     record = json.loads((out / "seed0" / "rs_dpo" / "default" / "stage.json").read_text())
     ensemble = json.loads(_arg(record["fit_command"], "--model.init_args.reward_ensemble"))
     assert len(ensemble) == 3 and all(Path(p).name == "best.ckpt" for p in ensemble)

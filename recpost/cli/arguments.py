@@ -29,7 +29,7 @@ from recpost.core.errors import RecpostError
 
 # Model settings that change only how a trained model is evaluated: at validate / test / predict time
 # the command line wins over the checkpoint's hyperparameters.
-EVAL_TIME_SETTINGS = ("mask_history", "eval_reward_model", "judges", "score_chunk_size")
+EVAL_TIME_SETTINGS = ("mask_history", "eval_reward_model", "judges", "judge_reference", "score_chunk_size")
 # Lines of jsonargparse's explanation that describe the search, not the problem.
 _NOISE = ("Does not validate against any of", "Subtypes:", "Errors:", "Given value type:",
           "Expected a <class 'NoneType'>", "tip:")

@@ -1,16 +1,18 @@
 """The study as a list of stages, built once: every ``recpost`` command line of an experiment comes from here.
 
 Per seed, in the order of the result rows: the reward model, the evaluator reward model, the other
-members of a reward ensemble and the judges (all continued from the base checkpoint), the base model
+members of a reward ensemble (continued from the base checkpoint) and the judges (of their kinds:
+``recpost.experiment.judging``), the base model
 (pretrained here unless the study lists checkpoints), then every method over its grid. An argument that
 names earlier stages' checkpoints is a :class:`CheckpointOf` (one) or :class:`CheckpointsOf` (a list)
 placeholder, filled in by the runner once those stages have been fitted. The runner fits a needed stage
 before the stage that needs it, so the base model is fitted first although its row comes after the
 reward models: its test waits for the evaluator RM and the judges that score it.
 
-Every reward model of a seed has its own training seed (:func:`role_seed`): the ensemble's members differ
-from the study's RM by seed, as RS-DPO's do; the evaluator and the judges also train on their own
-bootstrap resample of the users, so they err on other users than the RMs a method trains against.
+Every reward model of a seed has its own training seed (:func:`role_seed`) and, but for the study's RM,
+its own bootstrap resample of the users (seeded by that seed): the evaluator, the judges and the ensemble's
+other members err on other users than the RMs a method trains against and than each other. Every policy's
+test also names the study's RM as ``judge_reference``: the judges' agreement with it is measured there.
 
 ``recpost experiment --dry-run`` prints :meth:`Plan.describe`; the runner executes the same stages.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recpost.core.errors import RecpostError
+from recpost.experiment.judging import judge_configs
 from recpost.experiment.study import MethodSpec, Study
 from recpost.core.runs import BEST_CHECKPOINT
 
@@ -67,6 +70,12 @@ def evaluator_overrides(seed: int) -> list[str]:
     resample of the users (seeded by the same offset seed) makes the two RMs err on different users.
     """
     return bootstrap_overrides(role_seed(seed, "evaluator"))
+
+
+def ensemble_overrides(seed: int, member: int) -> list[str]:
+    """Ensemble member ``member``'s (1, 2, ...) extra overrides: its own bootstrap resample of the training users,
+    so RS-DPO's members disagree where the data is thin, not only by initialisation."""
+    return bootstrap_overrides(role_seed(seed, "ensemble", member))
 
 
 def judge_overrides(seed: int, k: int) -> list[str]:
@@ -315,9 +324,10 @@ def _seed_stages(study: Study, out: Path, seed: int) -> list[Stage]:
     test_args: tuple[Arg, ...] = ()  # what every policy's test adds: the evaluator RM when there is one
     judging: tuple[Arg, ...] = ()  # what every policy's validation and test add: the judges
 
-    def rm_args(config: Path, epochs: int | None, overrides: list[str]) -> list[Arg]:
-        return ["--config", str(config), *init_from, *(["--trainer.max_epochs", str(epochs)] if epochs else []),
-                *study.posttrain_overrides, *overrides]
+    def rm_args(configs: list[Path], epochs: int | None, overrides: list[str], continued: bool = True) -> list[Arg]:
+        """A rating model's configs, continued from the base checkpoint or (``continued`` off) from scratch."""
+        return [*(a for c in configs for a in ("--config", str(c))), *(init_from if continued else []),
+                *(["--trainer.max_epochs", str(epochs)] if epochs else []), *study.posttrain_overrides, *overrides]
 
     def rm_stage(name: str, method: str, role: str, index: int, args: list[Arg], extra: list[str],
                  epochs: int | None, setting: dict | None = None) -> Stage:
@@ -326,7 +336,7 @@ def _seed_stages(study: Study, out: Path, seed: int) -> list[Stage]:
 
     if study.reward_model:
         spec = study.reward_model
-        args = rm_args(spec.config, spec.epochs, spec.overrides)
+        args = rm_args([spec.config], spec.epochs, spec.overrides)
         reward_model = rm_stage("reward_model", "reward_model", "reward_model", 0, args, [], spec.epochs)
         stages.append(reward_model)
         if spec.evaluator:
@@ -335,15 +345,20 @@ def _seed_stages(study: Study, out: Path, seed: int) -> list[Stage]:
             stages.append(evaluator)
             test_args = (CheckpointOf("--model.init_args.eval_reward_model", evaluator.name, required=False),)
         ensemble = [reward_model] + [
-            rm_stage(f"reward_ensemble/member{m}", "reward_ensemble", "ensemble", m, args, [], spec.epochs, {"member": m})
+            rm_stage(f"reward_ensemble/member{m}", "reward_ensemble", "ensemble", m, args, ensemble_overrides(seed, m),
+                     spec.epochs, {"member": m})
             for m in range(1, study.ensemble_size)]
         stages += ensemble[1:]
     if study.judges:
-        spec = study.judges
-        judges = [rm_stage(f"judge/judge{k}", "judge", "judge", k, rm_args(spec.config, spec.epochs, spec.overrides),
-                           judge_overrides(seed, k), spec.epochs, {"judge": k}) for k in range(spec.count)]
+        judges = [rm_stage(f"judge/judge{k}", "judge", "judge", k,
+                           rm_args(judge_configs(judge, study.base_configs), judge.epochs, list(judge.overrides),
+                                   judge.continued),
+                           judge_overrides(seed, k), judge.epochs, {"judge": k, "kind": judge.kind})
+                  for k, judge in enumerate(study.judges.members())]
         stages += judges
         judging = (CheckpointsOf("--model.init_args.judges", tuple(j.name for j in judges), required=False),)
+        if reward_model is not None:  # the judges' agreement with the study's RM, measured by each policy's test
+            test_args += (CheckpointOf("--model.init_args.judge_reference", reward_model.name, required=False),)
     if not study.pretrained:
         stages.append(stage("base", "base", [*seed_args, *selection, *study.pretrain_overrides],
                             test_args=(*test_args, *judging), **policy))

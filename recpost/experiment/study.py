@@ -10,9 +10,11 @@ suggested), each value against the class's rules (``check_settings``), so that `
 misspelt grid key stops before pretraining, not after.
 
 Besides the study's reward model (and its evaluator), a study may ask for **judges** (``judges: {count:
-K}``: K reward models trained independently, other seeds and bootstrap resamples of the users, that score
+K, kinds: [...]}``: K rating models trained independently, each on its own seed and bootstrap resample of the
+users, of kinds that share less and less with the training RM (``recpost.experiment.judging``), that score
 every policy: ``judge_reward@10``) and, per method, a **reward ensemble** (``reward_ensemble: {count: K}``:
-the study's RM and K - 1 more seeds, for RS-DPO). ``eval_min_rating`` applies the paper's test protocol to
+the study's RM and K - 1 more, each on its own seed and bootstrap resample, for RS-DPO).
+``eval_min_rating`` applies the paper's test protocol to
 every policy (selection and test) and adds a second test over all targets. A ``quick:`` section scales the
 study down for ``--quick`` (fewer seeds, epochs, grid points, judges), keeping every method and stage.
 """
@@ -28,8 +30,9 @@ from typing import Any
 import yaml
 
 from recpost.core.errors import RecpostError
+from recpost.experiment.judging import JudgeSpec, check_judges, parse_judges
 from recpost.experiment.settings import accepted, check_settings, keys_of, override_settings, read_method_class
-from recpost.methods import RecModule, RewardModel
+from recpost.methods import RecModule
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "configs/experiments/sim.yaml"
@@ -38,11 +41,10 @@ STUDY_KEYS = {"name", "pretrain_config", "backbone", "data", "pretrained", "meth
               "eval_min_rating", "wandb", "quick"}
 METHOD_KEYS = {"config", "grid", "epochs", "overrides", "reward_ensemble"}
 RM_KEYS = {"config", "epochs", "overrides", "evaluator"}
-JUDGE_KEYS = {"count", "config", "epochs", "overrides"}
 COUNT_KEYS = {"count"}
 # What a quick: section may change (--quick): budgets and grids, never the methods, stages or protocol.
 QUICK_KEYS = {"seeds", "posttrain_epochs", "pretrain_overrides", "posttrain_overrides", "reward_model", "judges", "methods"}
-QUICK_SECTION_KEYS = {"reward_model": {"epochs", "overrides"}, "judges": {"count", "epochs", "overrides"}}
+QUICK_SECTION_KEYS = {"reward_model": {"epochs", "overrides"}, "judges": {"count", "kinds", "epochs", "overrides"}}
 QUICK_METHOD_KEYS = {"grid", "epochs", "overrides", "reward_ensemble"}
 QUICK_SUFFIX = "_quick"
 # Row names of the stages the runner adds itself: a study's method cannot take them.
@@ -96,17 +98,6 @@ class RewardModelSpec:
     epochs: int | None = None
     overrides: list[str] = field(default_factory=list)
     evaluator: bool = False
-
-
-@dataclass
-class JudgeSpec:
-    """``count`` reward models trained per seed, each with its own seed and bootstrap resample of the users,
-    that only score the policies (``judge_reward@10``); by default trained like the study's reward model."""
-
-    count: int
-    config: Path
-    epochs: int | None = None
-    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -201,10 +192,11 @@ def parse_study(raw: dict, cfg_path: Path, quick: bool = False) -> Study:
     if eval_min_rating is not None and not rating:
         raise RecpostError(f"{cfg_path}: eval_min_rating must be a rating (e.g. 4.5, the paper's protocol) or null "
                            f"(got {eval_min_rating!r})")
-    _check_stage_settings(cfg_path, resolve_path(raw["pretrain_config"], base), list(raw.get("pretrain_overrides", [])),
-                          list(raw.get("posttrain_overrides", [])), methods, rm, judges)
     data_config = _data_config(raw.get("data"), cfg_path)
     backbone_config = _named_config("backbone", raw.get("backbone"), cfg_path)
+    _check_stage_settings(cfg_path, resolve_path(raw["pretrain_config"], base), list(raw.get("pretrain_overrides", [])),
+                          list(raw.get("posttrain_overrides", [])), methods, rm, judges,
+                          [p for p in (backbone_config, data_config) if p])
     pretrained = raw.get("pretrained") or []
     pretrained = [resolve_path(p, base) for p in ([pretrained] if isinstance(pretrained, str) else pretrained)]
     wandb = raw.get("wandb", {})
@@ -261,13 +253,10 @@ def _count(spec: Any, where: str, low: int, example: str, keys: set[str] = COUNT
 
 
 def _judges(spec: Any, rm: RewardModelSpec | None, cfg_path: Path) -> JudgeSpec | None:
-    """``judges: {count, config, epochs, overrides}``; config, epochs and overrides default to the reward model's."""
-    count = _count(spec, f"{cfg_path}: judges", 1, "e.g. judges: {count: 3}", JUDGE_KEYS)
-    if count is None:
-        return None
-    config = spec.get("config") or (rm.config if rm else "configs/method/reward_model.yaml")
-    return JudgeSpec(count, resolve_path(str(config), cfg_path.parent), spec.get("epochs", rm.epochs if rm else None),
-                     list(spec.get("overrides", rm.overrides if rm else [])))
+    """``judges: {count, kinds, config, epochs, overrides}`` (``recpost.experiment.judging``); config, epochs and
+    overrides default to the reward model's."""
+    return parse_judges(spec, rm.config if rm else None, rm.epochs if rm else None, rm.overrides if rm else [],
+                        f"{cfg_path}: judges", lambda path: resolve_path(path, cfg_path.parent))
 
 
 def _quick(raw: dict, cfg_path: Path) -> dict | None:
@@ -306,9 +295,11 @@ def _quick(raw: dict, cfg_path: Path) -> dict | None:
 
 
 def _check_stage_settings(cfg_path: Path, pretrain: Path, pretrain_overrides: list[str], posttrain_overrides: list[str],
-                          methods: list[MethodSpec], rm: RewardModelSpec | None, judges: JudgeSpec | None) -> None:
+                          methods: list[MethodSpec], rm: RewardModelSpec | None, judges: JudgeSpec | None,
+                          configs: list[Path]) -> None:
     """Every stage's model settings, as its ``recpost fit`` will compose them, through the method class's
-    checks: the base model, the reward model and the judges, each method at each grid point."""
+    checks: the base model, the reward model and the judges, each method at each grid point (``configs``: the
+    backbone and data configs composed after the pretrain config)."""
     base_class, inherited = read_method_class("pretrain_config", pretrain, cfg_path)  # later configs keep its settings
     check_settings(base_class, {**inherited, **override_settings(pretrain_overrides)}, f"{cfg_path}: pretrain_config {pretrain}")
     if rm is not None:
@@ -318,15 +309,7 @@ def _check_stage_settings(cfg_path: Path, pretrain: Path, pretrain_overrides: li
         check_settings(rm_class, {**accepted(rm_class, inherited), **rm_args, **override_settings(posttrain_overrides),
                                    **override_settings(rm.overrides)}, f"{cfg_path}: reward_model")
     if judges is not None:
-        judge_class, judge_args = read_method_class("judges", judges.config, cfg_path)
-        if not issubclass(judge_class, RewardModel):
-            raise RecpostError(f"{cfg_path}: judges.config: {judges.config} is not a reward model "
-                               f"({judge_class.__name__}); use ../method/reward_model.yaml")
-        keys_of(judge_class, judge_args, f"{judges.config}: model.init_args")
-        keys_of(judge_class, override_settings(judges.overrides), f"{cfg_path}: judges.overrides")
-        check_settings(judge_class, {**accepted(judge_class, inherited), **judge_args,
-                                      **override_settings(posttrain_overrides), **override_settings(judges.overrides)},
-                        f"{cfg_path}: judges")
+        check_judges(judges, inherited, posttrain_overrides, cfg_path, [pretrain, *configs])
     judge_arg = {"judges": [f"<judge {k}>" for k in range(judges.count)]} if judges is not None else {}
     for method in methods:
         cls = method.method_class

@@ -6,7 +6,9 @@
   for ``ExpSFT``, ``LinearSFT``, ``ASFT`` and ``FilteredBC``;
 - ``PolicyModule`` (``policy_base.py``): reference policy, reward model, states, masked log-probs for
   ``PPO``, ``DPO`` and ``KTO``;
-- ``RewardModel`` trains the reward-model component (``recpost.models.RatingModel``).
+- ``RewardModel`` trains the reward-model component (``recpost.models.RatingModel``), ``MFRewardModel`` a
+  matrix-factorisation rating model (``recpost.models.MFRatingModel``), both on ``RatingModule``
+  (``rating_base.py``: their shared evaluation).
 """
 
 from recpost.methods.asft import ASFT
@@ -16,6 +18,7 @@ from recpost.methods.exp_sft import ExpSFT
 from recpost.methods.filtered_bc import FilteredBC
 from recpost.methods.kto import KTO
 from recpost.methods.linear_sft import LinearSFT
+from recpost.methods.mf_reward_model import MFRewardModel
 from recpost.methods.next_item import NextItemModule
 from recpost.methods.policy_base import PolicyModule
 from recpost.methods.ppo import PPO
@@ -23,5 +26,5 @@ from recpost.methods.reward_model import RewardModel
 from recpost.methods.sft import SFT
 from recpost.methods.weighted import RewardWeightedModule
 
-__all__ = ["ASFT", "DPO", "KTO", "PPO", "ExpSFT", "FilteredBC", "LinearSFT", "NextItemModule", "PolicyModule",
-           "RecModule", "RewardModel", "RewardWeightedModule", "SFT"]
+__all__ = ["ASFT", "DPO", "KTO", "PPO", "ExpSFT", "FilteredBC", "LinearSFT", "MFRewardModel", "NextItemModule",
+           "PolicyModule", "RecModule", "RewardModel", "RewardWeightedModule", "SFT"]

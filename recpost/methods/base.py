@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from recpost.core.batch import EvalBatch, TrainBatch
-from recpost.models.checkpoint import check_catalog, load_backbone_weights, load_reward_model, stamp, verify_weights
+from recpost.models.checkpoint import check_catalog, load_backbone_weights, load_judge, load_reward_model, stamp, verify_weights
 from recpost.core.errors import RecpostError
 from recpost.evaluation import (
-    TOP_K, CatalogRanking, RankingMetrics, ScoreColumns, judge_metric_names, judge_rewards, judge_spread, mask_items,
+    TOP_K, CatalogRanking, RankingMetrics, ScoreColumns, judge_metric_names, judge_spread, judge_values, mask_items,
     rank_in_chunks,
 )
 from recpost.methods.checks import at_least, check_judges, optional, positive
@@ -63,11 +63,13 @@ class RecModule(L.LightningModule):
         eval_reward_model: a RewardModel checkpoint used only for evaluation: logs
             ``eval_rm_reward@10``, its mean predicted rating of the policy's top-10 (a second, independent
             RM shows whether a method hacks the RM it was trained against).
-        judges: RewardModel checkpoints used only for evaluation, an ensemble of judges trained
-            independently of any reward model the method trains against (other seeds, bootstrap
-            resamples of the users): logs ``judge_reward@10`` (the judges' mean predicted rating of the
-            top-10), each judge's ``judge<k>_reward@10`` and, for 2 or more, ``judge_reward@10_std``
-            (the spread across judges); see ``recpost.evaluation.judges``.
+        judges: RewardModel (or MFRewardModel) checkpoints used only for evaluation, judges trained
+            independently of any reward model the method trains against: logs ``judge_reward@10`` (the
+            judges' mean predicted rating of the top-10), each judge's ``judge<k>_reward@10`` and, for 2 or
+            more, ``judge_reward@10_std``; see ``recpost.evaluation.judges``.
+        judge_reference: the RewardModel checkpoint the methods train against, used only for evaluation
+            with ``judges``: logs each judge's agreement with it on the policy's top-10
+            (``judge<k>_rank_corr@10``) and on its own top-10 of the catalog (``judge<k>_rm_overlap@10``).
         score_chunk_size: in evaluation and prediction, score the catalog this many items at a time,
             so memory stays at ``[eval_batch_size, score_chunk_size]`` scores instead of
             ``[eval_batch_size, n_items + 1]``; the metrics are the same. ``null``: one matmul over the
@@ -134,12 +136,13 @@ class RecModule(L.LightningModule):
         init_from: str | None = None,
         eval_reward_model: str | None = None,
         judges: list[str] | None = None,
+        judge_reference: str | None = None,
         score_chunk_size: int | None = None,
     ) -> None:
         self.check_settings_once(dict(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                                       lr_schedule=lr_schedule, mask_history=mask_history, init_from=init_from,
                                       eval_reward_model=eval_reward_model, judges=judges,
-                                      score_chunk_size=score_chunk_size))
+                                      judge_reference=judge_reference, score_chunk_size=score_chunk_size))
         super().__init__()
         if n_items < 1:  # the data link, not a setting: checked here, where the linked value arrives
             raise RecpostError("model.n_items must be >= 1; it is linked from the data module (data.n_items)")
@@ -159,7 +162,9 @@ class RecModule(L.LightningModule):
         if eval_reward_model:
             self.hold_frozen("eval_reward_model", self.load_reward_model(eval_reward_model, "model.eval_reward_model"))
         for k, path in enumerate(judges or []):
-            self.hold_frozen(f"judge.{k}", self.load_reward_model(path, f"model.judges[{k}]"))
+            self.hold_frozen(f"judge.{k}", load_judge(path, item_map_hash, f"model.judges[{k}]"))
+        if judge_reference and judges:
+            self.hold_frozen("judge_reference", self.load_reward_model(judge_reference, "model.judge_reference"))
 
     # ----------------------------------------------------------------------------------- weights
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -283,22 +288,22 @@ class RecModule(L.LightningModule):
         )
 
     @property
-    def judges(self) -> list[RatingModel]:
+    def judges(self) -> list[nn.Module]:
         """The frozen judges of ``judges`` (empty without any)."""
         return [self._frozen[f"judge.{k}"] for k in range(len(self.hparams.get("judges") or []))]
 
     def extra_metric_names(self) -> tuple[str, ...]:
         """Names of the per-user values ``extra_metrics`` adds to the evaluation (averaged over users)."""
         held = tuple(metric for name, metric in REWARD_MODEL_METRICS.items() if name in self._frozen)
-        return held + judge_metric_names(len(self.judges))
+        return held + judge_metric_names(len(self.judges), agreement="judge_reference" in self._frozen)
 
     def extra_metrics(
         self, batch: EvalBatch, scores: torch.Tensor | CatalogRanking
     ) -> dict[str, torch.Tensor]:
         """Per-user values ``name -> [B]`` for ``scores [B, n_items + 1]`` (masked) or their ``CatalogRanking``:
         here the mean predicted rating of the top-10 under each reward model held (``rm_reward@10``,
-        ``eval_rm_reward@10``) and under each judge (``judge_reward@10``: their mean), which scores only
-        those 10 items."""
+        ``eval_rm_reward@10``) and under each judge (``judge_reward@10``: their mean), and with
+        ``judge_reference`` the judges' agreement with it (``recpost.evaluation.judges``)."""
         out = {}
         held = [(name, metric) for name, metric in REWARD_MODEL_METRICS.items() if name in self._frozen]
         judges = self.judges
@@ -313,8 +318,9 @@ class RecModule(L.LightningModule):
 
             for name, metric in held:
                 out[metric] = top_rating(self._frozen[name])
-            if judges:
-                out.update(judge_rewards(torch.stack([top_rating(judge) for judge in judges])))  # from [K, B]
+            if judges:  # their ratings of the top 10 and, with the training RM, their agreement with it
+                out.update(judge_values(judges, batch, top, self._frozen.get("judge_reference"), self.hparams.n_items + 1,
+                                        self.hparams.score_chunk_size, batch["history_items"] if self.hparams.mask_history else None))
         return out
 
     def _ground_truth_metrics(self, batch: EvalBatch, scores: torch.Tensor | None) -> dict[str, torch.Tensor]:

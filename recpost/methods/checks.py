@@ -91,6 +91,10 @@ def check_judges(s: Mapping[str, Any]) -> None:
     shared = next((p for p in paths if p in {_same_file(t) for t in trained if t}), None)
     require(shared is None, f"model.judges includes {shared}, a reward model this method trains against; a judge "
                             "must be trained independently of it (the experiment's judges: {count: K} does this)")
+    reference = s.get("judge_reference")
+    require(not reference or _same_file(reference) not in paths,
+            f"model.judge_reference {reference} is also one of model.judges; the reference is the reward model the "
+            "judges are compared with (the one the methods train against), not a judge")
 
 
 def _same_file(path: Any) -> Path:

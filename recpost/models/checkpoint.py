@@ -39,7 +39,7 @@ from torch import nn
 
 from recpost.core.errors import RecpostError
 from recpost.core.files import write_bytes
-from recpost.models import Backbone, BackboneConfig, RatingHead, RatingModel, build_backbone, freeze
+from recpost.models import Backbone, BackboneConfig, MFRatingModel, RatingHead, RatingModel, build_backbone, freeze
 
 TRAIN_A_REWARD_MODEL = (
     "a reward model is needed: train one with `recpost fit --config <pretrain.yaml> --config "
@@ -239,6 +239,29 @@ def load_reward_model(path: str | Path, item_map_hash: str, what: str = "model.r
     return freeze(model)
 
 
+def is_mf_rating_model(hparams: Mapping[str, Any], state_dict: Mapping[str, Any]) -> bool:
+    """A checkpoint of ``MFRewardModel``: its ``mf.*`` weights and ``rank`` / ``reg`` settings."""
+    return "rank" in hparams and "reg" in hparams and any(k.startswith("mf.") for k in state_dict)
+
+
+def load_judge(path: str | Path, item_map_hash: str, what: str = "model.judges") -> RatingModel | MFRatingModel:
+    """A frozen judge: a ``RewardModel`` checkpoint (:func:`load_reward_model`) or an ``MFRewardModel`` one
+    (an :class:`~recpost.models.MFRatingModel`); both answer ``predict_rewards`` and ``column_scorer``. Only
+    judges may be MF models: a method trains against a sequence reward model, whose per-position states it needs."""
+    ckpt = read_checkpoint(path, what, TRAIN_A_REWARD_MODEL)
+    hp, state = ckpt.get("hyper_parameters", {}), ckpt["state_dict"]
+    if not is_mf_rating_model(hp, state):
+        return load_reward_model(path, item_map_hash, what)
+    check_catalog(hp, item_map_hash, f"{what}: {Path(path).expanduser()}")
+    model = MFRatingModel(hp["n_items"], hp["rank"], hp["reg"])
+    try:
+        model.load_state_dict(weights_under(state, "mf."), strict=True)
+    except RuntimeError as exc:
+        raise RecpostError(f"{what}: {Path(path).expanduser()} does not match its own hyperparameters "
+                           f"({str(exc).splitlines()[0]})") from None
+    return freeze(model)
+
+
 def load_policy(path: str | Path, item_map_hash: str, what: str = "--policy") -> tuple[Backbone, dict[str, Any]]:
     """A frozen policy backbone (eval mode: no dropout) from the checkpoint of any next-item method (SFT,
     ExpSFT, PPO, DPO, ...) and the checkpoint's hyperparameters (``mask_history`` among them). One-line
@@ -247,7 +270,7 @@ def load_policy(path: str | Path, item_map_hash: str, what: str = "--policy") ->
     ckpt_path = Path(path).expanduser()
     ckpt = read_checkpoint(path, what)
     hp = dict(ckpt.get("hyper_parameters", {}))
-    if "prior_count" in hp:
+    if "prior_count" in hp or is_mf_rating_model(hp, ckpt["state_dict"]):
         raise RecpostError(f"{what}: {ckpt_path} is a reward model (it predicts ratings, not next items); pass a "
                            "policy: SFT, ExpSFT, PPO or DPO")
     if "n_items" not in hp or "max_len" not in hp:

@@ -25,10 +25,12 @@ those. Predictions are in fp32 whatever the autocast, on the source's rating sca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from recpost.models.backbone import Backbone
+from recpost.models.backbone import Backbone, mask_padding_column
 
 
 class RatingHead(nn.Module):
@@ -121,6 +123,21 @@ class RatingModel(nn.Module):
         offset, query, item_emb = self.states(input_items, input_ratings, input_timestamps)
         with torch.autocast(device_type=offset.device.type, enabled=False):
             return self.head(offset[:, -1], query[:, -1], item_emb, candidates)
+
+    def column_scorer(
+        self, input_items: torch.Tensor, input_ratings: torch.Tensor, input_timestamps: torch.Tensor | None = None,
+    ) -> Callable[[slice | torch.Tensor], torch.Tensor]:
+        """Encode each history once; returns ``columns -> [B, K]`` predicted ratings of those catalog columns
+        (a slice, or item ids ``[K]``) after the whole history, the padding column -inf: what ranking the
+        catalog a chunk at a time needs."""
+        offset, query, item_emb = self.states(input_items, input_ratings, input_timestamps)
+        offset, query = offset[:, -1], query[:, -1]  # [B], [B, d]
+
+        def score(columns: slice | torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=offset.device.type, enabled=False):
+                return mask_padding_column(self.head.score_columns(offset, query, item_emb, columns), columns)
+
+        return score
 
     def rewards_at(
         self, input_items: torch.Tensor, input_ratings: torch.Tensor, states: torch.Tensor,

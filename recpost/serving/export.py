@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from recpost import __version__
-from recpost.models.checkpoint import backbone_config, check_catalog, policy_backbone, read_checkpoint
+from recpost.models.checkpoint import backbone_config, check_catalog, is_mf_rating_model, policy_backbone, read_checkpoint
 from recpost.data import RecDataModule
 from recpost.core.errors import RecpostError
 from recpost.models import Backbone
@@ -72,7 +72,7 @@ def export(ckpt_path: str, out: str, config: list[str] | str | None = None, over
         raise RecpostError(f"--out {target} already exists; choose another folder or pass --overwrite true")
     ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
     hparams = ckpt.get("hyper_parameters", {})
-    if "prior_count" in hparams:
+    if "prior_count" in hparams or is_mf_rating_model(hparams, ckpt["state_dict"]):
         raise RecpostError(f"--ckpt_path {ckpt_path} is a reward model (it predicts ratings, not next items); "
                            "export a policy: SFT, ExpSFT, PPO or DPO")
     configs = run_configs(ckpt_path, config)
