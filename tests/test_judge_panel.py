@@ -122,8 +122,8 @@ def test_bad_judge_panels_are_one_clear_error(tmp_path, tiny_config, judges, mes
         load_study(str(moved))
 
 
-def test_the_judge_tables_render_the_panel_and_the_agreement_from_the_rows_alone():
-    from recpost.experiment.judge_table import judge_tables
+def _rows() -> list[dict]:
+    """Result rows of a 2-seed study with a same-base and an MF judge (as results.json holds them)."""
 
     def judge(k, kind, seed, corr, rmse):
         return {"method": "judge", "setting": {"judge": k, "kind": kind}, "seed": seed, "status": "ok",
@@ -135,9 +135,15 @@ def test_the_judge_tables_render_the_panel_and_the_agreement_from_the_rows_alone
                 "test/judge_rank_corr@10": (corr0 + corr1) / 2, "test/judge0_rm_overlap@10": overlap0,
                 "test/judge1_rm_overlap@10": overlap1, "test/judge_reward@10": 3.9}
 
-    rows = [judge(0, "same_base", 0, 0.99, 1.01), judge(0, "same_base", 1, 0.97, 1.03), judge(1, "mf", 0, 0.6, 0.99),
+    return [judge(0, "same_base", 0, 0.99, 1.01), judge(0, "same_base", 1, 0.97, 1.03), judge(1, "mf", 0, 0.6, 0.99),
             judge(1, "mf", 1, 0.7, 0.98), policy("sft", 0, True, 0.9, 0.1), policy("sft", 1, True, 0.8, 0.3),
             policy("exp_sft", 0, False, 0.0, 0.0), {**policy("ppo", 0, True, 0.5, -0.5), "test/rm_reward@10": 4.3}]
+
+
+def test_the_judge_tables_render_the_panel_and_the_agreement_from_the_rows_alone():
+    from recpost.experiment.judge_table import judge_tables
+
+    rows = _rows()
     md = "\n".join(judge_tables(rows))
     assert "| judge0 | same_base | 2/2 | 1.020 ± 0.014 | 0.980 ± 0.014 | 0.900 ± 0.000 |" in md
     assert "| judge1 | mf | 2/2 | 0.985 ± 0.007 | 0.650 ± 0.071 | 0.200 ± 0.000 |" in md
@@ -147,3 +153,10 @@ def test_the_judge_tables_render_the_panel_and_the_agreement_from_the_rows_alone
     assert "exp_sft" not in md  # only the settings chosen on validation
     assert "Reward hacking is claimed only where" in md
     assert judge_tables([r for r in rows if r["method"] != "judge"]) == []  # no judges, no table
+
+
+def test_results_md_shows_the_judge_tables():
+    from recpost.experiment.render import render_results
+
+    md = render_results(_rows())
+    assert "| judge1 | mf | 2/2 |" in md and "judge1 (mf) rank corr." in md

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recpost.core.errors import RecpostError
+from recpost.experiment.judge_table import judge_tables
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,11 @@ ORACLE_METRICS = ["test/true_reward@10", "test/true_reward_sampled"]
 DEFAULT_MONITOR = ("val/ndcg@10", "max")
 DEFAULT_REFERENCE = "sft"
 
-JUDGE_NOTE = ("`judge_reward@10`: the judges' mean predicted rating of the top 10 (K reward models trained on other "
-              "seeds and bootstrap resamples of the users than any RM a method trains against), mean ± std over "
-              "seeds; `judge_reward@10_std`: its spread across the judges (std of the K judges' means), averaged "
-              "over seeds. A policy the training RM likes but the judges do not is exploiting the training RM.")
+JUDGE_NOTE = ("`judge_reward@10`: the judges' mean predicted rating of the top 10 (K rating models, each trained on "
+              "its own seed and bootstrap resample of the users; their kinds and how far they agree with the "
+              "training RM: the judges' tables below), mean ± std over seeds; `judge_reward@10_std`: its spread "
+              "across the judges (std of the K judges' means), averaged over seeds. A policy the training RM likes "
+              "but judges that can disagree with it do not is exploiting the training RM.")
 ALL_TARGETS_NOTE = ("`val/` and `test/`: only the users whose held-out target is rated >= the study's "
                     "`eval_min_rating` (the paper's protocol; settings and epochs chosen on it); `test_all/`: the "
                     "same checkpoints tested on every user's target.")
@@ -121,6 +123,9 @@ def render_results(rows: list[dict]) -> str:
     rm_rows = [r for r in rows if r["method"] in RM_METHODS]
     if rm_rows:
         lines += ["", *_rm_table(rm_rows), *_rm_error_correlation(rm_rows)]
+    judges = judge_tables(rows)  # the panel and its agreement with the training RM (judge_table.py)
+    if judges:
+        lines += ["", *judges]
     figures = list(dict.fromkeys(f for r in rows for f in r.get("figures", [])))
     if figures:
         lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in figures)]
