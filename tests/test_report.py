@@ -9,7 +9,7 @@ import pytest
 
 from recpost.core.errors import RecpostError
 from recpost.experiment import render, write_results
-from recpost.experiment.render import Column, render_results, report
+from recpost.experiment.render import Column, render_regimes, render_results, report
 
 
 def _study_rows() -> tuple[list[dict], dict]:
@@ -58,12 +58,12 @@ def test_the_rows_carry_what_the_tables_show(tmp_path):
 
 
 def test_a_field_added_to_the_column_list_shows_in_the_table(monkeypatch):
-    rows = [{"method": m, "setting": {}, "seed": s, "status": "ok", "val/ndcg@10": 0.1, "trials": t}
-            for m, t in (("sft", 4), ("ppo", 8)) for s in (0, 1)]
-    assert "trials" not in render_results(rows)
-    monkeypatch.setattr(render, "POLICY_COLUMNS", [*render.POLICY_COLUMNS, Column("trials", digits=0, bold=False)])
+    rows = [{"method": m, "setting": {}, "seed": s, "status": "ok", "val/ndcg@10": 0.1, "new_count": n}
+            for m, n in (("sft", 4), ("ppo", 8)) for s in (0, 1)]
+    assert "new_count" not in render_results(rows)
+    monkeypatch.setattr(render, "POLICY_COLUMNS", [*render.POLICY_COLUMNS, Column("new_count", digits=0, bold=False)])
     table = render_results(rows).splitlines()
-    assert table[0].endswith("| val/ndcg@10 | trials |") and table[3] == "| ppo | - | 2/2 | 0.1000 ± 0.0000 | 8 ± 0 |"
+    assert table[0].endswith("| val/ndcg@10 | new_count |") and table[3] == "| ppo | - | 2/2 | 0.1000 ± 0.0000 | 8 ± 0 |"
 
 
 def test_a_row_that_summarises_runs_renders_its_mean_and_std():
@@ -85,3 +85,19 @@ def test_report_refuses_a_folder_without_results(tmp_path):
     (tmp_path / "results.json").write_text('{"rows": []}')
     with pytest.raises(RecpostError, match="is not a list of result rows"):
         report(str(tmp_path))
+
+
+def test_a_regime_map_folder_gets_its_regimes_md_from_its_regimes_json(tmp_path):
+    record = {"world": "w", "world_settings": {"noise_std": 0.5}, "on_grid": True, "setting": {"lam": 0.5}, "seeds": 1}
+    summary = {"name": "m", "config": "m.yaml", "reference": "sft", "monitor": "val/ndcg@10", "axes": {"noise_std": [0.5]},
+               "heatmap": None, "several_settings": ["exp_sft"],
+               "worlds": [{"name": "w", "settings": {"noise_std": 0.5}, "on_grid": True, "has_results": True}],
+               "rows": [{**record, "method": "sft", "setting": {}, "selection": "offline",
+                         "value": {"test/true_reward@10": 3.0}, "delta": {"test/true_reward@10": 0.0}},
+                        {**record, "method": "exp_sft", "selection": "offline",
+                         "value": {"test/true_reward@10": 3.25}, "delta": {"test/true_reward@10": 0.25}}]}
+    (tmp_path / "regimes.json").write_text(json.dumps(summary))
+    report(str(tmp_path))
+    md = (tmp_path / "regimes.md").read_text()
+    assert md == render_regimes(summary) and "| w | 0.5 | 3.0000 | +0.2500 (lam=0.5) |" in md
+    assert "oracle, not available offline" not in md  # no oracle records: no empty table for them

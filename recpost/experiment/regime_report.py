@@ -19,7 +19,8 @@ from pathlib import Path
 
 from recpost.experiment import figures
 from recpost.experiment.regimes import REFERENCE, RegimeMap, World
-from recpost.experiment.report import ORACLE_METRICS, ORACLE_MONITOR, RM_METHODS
+from recpost.experiment.render import ORACLE_METRICS, ORACLE_MONITOR, RM_METHODS, render_regimes, selection_cost  # noqa: F401
+
 # The flag in results.json of each selection, and how the tables name it.
 SELECTIONS = {"offline": "chosen", "oracle": "oracle_chosen"}
 
@@ -52,73 +53,28 @@ def regime_records(worlds: list[tuple[World, list[dict]]]) -> list[dict]:
             for method, cell in world_cells(rows, flag).items()]
 
 
-def selection_cost(records: list[dict], method: str, metric: str) -> float | None:
-    """Mean over worlds of (oracle - offline) difference to the reference: what the offline choice costs."""
-    by_world = {(r["world"], r["selection"]): r["delta"][metric] for r in records if r["method"] == method}
-    gaps = [by_world[(w, "oracle")] - d for (w, s), d in by_world.items()
-            if s == "offline" and d is not None and by_world.get((w, "oracle")) is not None]
-    return statistics.mean(gaps) if gaps else None
-
-
 def write_regime_results(regimes: RegimeMap, out: Path) -> Path:
-    """regimes.json, regimes.md and the heatmaps from the results of the worlds run so far (their results.json)."""
-    monitor = regimes.study.monitor
+    """regimes.json, regimes.md and the heatmaps from the results of the worlds run so far (their results.json).
+    regimes.md is rendered from the regimes.json just written (:func:`.render.render_regimes`), so
+    ``recpost report`` on the folder gives the same bytes."""
     worlds = [(w, json.loads(p.read_text())) for w in regimes.worlds if (p := out / w.name / "results.json").is_file()]
     records = regime_records(worlds)
     methods = list(dict.fromkeys(r["method"] for r in records))
-    (out / "regimes.json").write_text(json.dumps({
-        "name": regimes.name, "config": str(regimes.path), "reference": REFERENCE, "monitor": monitor,
+    text = json.dumps({
+        "name": regimes.name, "config": str(regimes.path), "reference": REFERENCE, "monitor": regimes.study.monitor,
         "oracle_monitor": ORACLE_MONITOR, "axes": regimes.axes, "heatmap": regimes.heatmap,
+        "several_settings": [m.name for m in regimes.study.methods if len(m.settings()) > 1],
         "worlds": [{"name": w.name, "settings": w.settings, "on_grid": w.on_grid,
                     "has_results": any(w is done for done, _ in worlds)} for w in regimes.worlds],
-        "rows": records}, indent=2))
-    (out / "regimes.md").write_text("\n".join(regime_tables(regimes, records, methods)) + "\n")
+        "rows": records}, indent=2)
+    (out / "regimes.json").write_text(text)
+    (out / "regimes.md").write_text(render_regimes(json.loads(text)))
     if regimes.heatmap:
         for method in methods:
             if method != REFERENCE:
                 for metric in ORACLE_METRICS:
                     regime_heatmap(regimes, records, method, metric, out / "figures")
     return out / "regimes.md"
-
-
-def regime_tables(regimes: RegimeMap, records: list[dict], methods: list[str]) -> list[str]:
-    """regimes.md: per metric and selection a table of the worlds, then the cost of choosing offline."""
-    monitor = regimes.study.monitor
-    done = {r["world"] for r in records}
-    lines = [f"# Regime map {regimes.name}: test true reward over {REFERENCE}", "",
-             f"{len(done)} of {len(regimes.worlds)} worlds have results ({regimes.path}). Each cell: the method's mean "
-             f"over seeds of (its value - {REFERENCE}'s in the same world and seed), at the setting chosen as the "
-             f"table says (shown when the method has several); the {REFERENCE} column is its own value. `-` in a "
-             "setting column: the study's value. Intervals: each world's results.md (paired bootstrap over users)."]
-    keys = list(dict.fromkeys([*regimes.axes, *(k for w in regimes.worlds for k in w.settings)]))
-    several = {m.name for m in regimes.study.methods if len(m.settings()) > 1}
-    for metric in ORACLE_METRICS:
-        for selection, chosen_on in (("offline", monitor), ("oracle", f"{ORACLE_MONITOR} (oracle, not available offline)")):
-            cells = {(r["world"], r["method"]): r for r in records if r["selection"] == selection}
-            lines += ["", f"## Δ {metric} vs {REFERENCE}, setting chosen on {chosen_on}", "",
-                      f"| world | {' | '.join([*keys, *methods])} |", "|" + "---|" * (1 + len(keys) + len(methods))]
-            for world in regimes.worlds:
-                row = [str(world.settings.get(k, "-")) for k in keys]
-                row += [_cell(cells.get((world.name, m)), metric, m == REFERENCE, m in several) for m in methods]
-                lines.append(f"| {world.name} | {' | '.join(row)} |")
-    lines += ["", f"## What choosing on {monitor} costs: mean over worlds of (oracle Δ - offline Δ)", "",
-              f"| method | {' | '.join(ORACLE_METRICS)} |", "|" + "---|" * (1 + len(ORACLE_METRICS))]
-    for method in methods:
-        costs = [selection_cost(records, method, metric) for metric in ORACLE_METRICS]
-        lines.append(f"| {method} | {' | '.join('-' if c is None else f'{c:+.4f}' for c in costs)} |")
-    if regimes.heatmap is None:
-        lines += ["", "No heatmaps: the grid has fewer than two axes with several values."]
-    return lines
-
-
-def _cell(record: dict | None, metric: str, reference: bool, show_setting: bool) -> str:
-    """A table cell: the reference's value, or a method's difference (and its chosen setting)."""
-    if record is None or record["delta" if not reference else "value"][metric] is None:
-        return "-"
-    if reference:
-        return f"{record['value'][metric]:.4f}"
-    setting = ", ".join(f"{k}={v}" for k, v in record["setting"].items())
-    return f"{record['delta'][metric]:+.4f}" + (f" ({setting})" if show_setting and setting else "")
 
 
 def regime_heatmap(regimes: RegimeMap, records: list[dict], method: str, metric: str, folder: Path) -> Path | None:
