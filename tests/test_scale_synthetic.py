@@ -42,6 +42,14 @@ def test_the_amazon_layouts_load_through_amazon_and_survive_its_5_core_whole(tmp
     assert "benchmarks only" in meta["purpose"] and meta["seed"] == 0
 
 
+def test_the_same_shape_and_seed_are_reused_not_drawn_again(tmp_path):
+    shape = Shape(30, 40, 300)
+    first = generate(shape, tmp_path)
+    stamp = (tmp_path / "ml-20m" / "ratings.csv").stat().st_mtime_ns
+    assert generate(shape, tmp_path) == first and (tmp_path / "ml-20m" / "ratings.csv").stat().st_mtime_ns == stamp
+    assert generate(shape, tmp_path, seed=1)["seed"] == 1  # another seed is drawn
+
+
 def test_pairs_are_distinct_every_item_keeps_its_copies_and_popularity_is_skewed():
     shape = Shape(300, 200, 9_000, min_per_user=5, min_per_item=3, item_exponent=1.2, item_offset=1.0)
     user, item = draw_pairs(shape, seed=3)

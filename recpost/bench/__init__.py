@@ -31,6 +31,10 @@ On a large catalog (``--dataset sim --n_items 100000``; from 20,000 items) the m
 large-catalog paths: SFT and ExpSFT a sampled softmax (1,024 negatives), PPO and DPO the catalog a chunk
 of 8,192 items at a time (PPO with the sampled ``k3`` KL), evaluation in chunks too. ``--device cuda``
 runs everything on a GPU.
+
+``--dataset synthetic --shape ml20m|books`` measures every stage at a real data set's shape instead, on
+synthetic data written in its official layout, with the shipped configs' settings (``recpost.bench.scale``;
+``docs/scale/costs.md``).
 """
 
 from __future__ import annotations
@@ -67,9 +71,9 @@ def _ratios(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def bench(
-    dataset: Literal["ml100k", "ml1m", "sim"] = "ml100k",
+    dataset: Literal["ml100k", "ml1m", "sim", "synthetic"] = "ml100k",
     epochs: int = 2,
-    steps: int = 8,
+    steps: int | None = None,
     max_len: int = 200,
     batch_size: int = 128,
     d_model: int = 64,
@@ -79,14 +83,22 @@ def bench(
     length_grouping: int = 0,
     memory: bool = False,
     device: Literal["cpu", "cuda"] = "cpu",
+    shape: Literal["ml20m", "books"] = "ml20m",
+    data_root: str = "~/.cache/recpost/synthetic",
+    eval_users: int = 2048,
+    memory_limit_gib: float | None = 16.0,
+    precision: Literal["32-true", "bf16-mixed"] = "32-true",
+    output: str | None = None,
 ) -> dict[str, float]:
     """Measure and print pretraining epoch time, evaluation throughput, method step-time ratios and MFU.
 
     Args:
         dataset: ``ml100k`` (MovieLens-100K under $RECPOST_DATA_DIR), ``ml1m`` (MovieLens-1M; this
-            project's users 1-2,999 subset at $RECPOST_DATA_DIR/ml-1m-users1-2999 when present) or ``sim``.
+            project's users 1-2,999 subset at $RECPOST_DATA_DIR/ml-1m-users1-2999 when present), ``sim``, or
+            ``synthetic``: every stage at the ``shape`` of a real data set (``docs/scale/costs.md``).
         epochs: training epochs to time (each followed by a full validation).
-        steps: timed interleaved repetitions (one training step of every method each) for the ratios.
+        steps: timed interleaved repetitions (one training step of every method each) for the ratios
+            (default 8); ``synthetic``: timed steps per method after one warm-up (default 3).
         max_len: history length.
         batch_size: training windows per batch.
         d_model: backbone width.
@@ -97,9 +109,22 @@ def bench(
         length_grouping: ``data.length_grouping`` of the training batches (0: plain shuffled batches).
         memory: also measure each method's peak memory (a fresh process per method; a minute or two).
         device: ``cpu`` or ``cuda`` (a GPU; the figures then time the GPU).
+        shape: ``synthetic``: ``ml20m`` (MovieLens-20M's counts) or ``books`` (Amazon Books 2014 5-core's),
+            with the settings of ``configs/pretrain/<data>.yaml`` and ``configs/experiments/paper_<data>.yaml``.
+        data_root: ``synthetic``: where the synthetic files are written (and reused); never the real data's root.
+        eval_users: ``synthetic``: validation users timed per model.
+        memory_limit_gib: ``synthetic``: address-space limit of each stage's process (null: none).
+        precision: ``synthetic``: the steps' precision (``bf16-mixed`` on a GPU).
+        output: ``synthetic``: also write the figures as JSON here.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise RecpostError("--device cuda: no CUDA device is visible to torch here; run on a GPU machine or use --device cpu")
+    if dataset == "synthetic":
+        from recpost.bench.scale import scale_bench
+
+        return scale_bench(shape, data_root, steps=steps or 3, eval_users=eval_users, device=device,
+                           memory_limit_gib=memory_limit_gib, output=output, precision=precision)
+    steps = steps or 8
     torch.manual_seed(0)
     dm = datamodule(dataset, max_len, batch_size, n_items, length_grouping)
     backbone = BackboneConfig(name=backbones[0], d_model=d_model, n_layers=n_layers)

@@ -111,9 +111,10 @@ class Step:
     ``training_step``; for automatic-optimisation methods also the backward and optimiser step that
     Lightning's loop would add. Fabric has no LR schedulers: all methods train at a constant rate."""
 
-    def __init__(self, module: L.LightningModule, device: str = "cpu", lr: float = 1e-3) -> None:
+    def __init__(self, module: L.LightningModule, device: str = "cpu", lr: float = 1e-3,
+                 precision: str = "32-true") -> None:
         module.lr_schedulers = lambda: None  # what PPO's manual loop asks for; None = constant rate
-        self.fabric = L.Fabric(accelerator=device, devices=1, precision="32-true")
+        self.fabric = L.Fabric(accelerator=device, devices=1, precision=precision)
         opt = torch.optim.AdamW(module.parameters(), lr=lr)
         self.module, self.opt = self.fabric.setup(module, opt)
         self.automatic = module.automatic_optimization

@@ -305,7 +305,7 @@ def generate(shape: Shape, root: str | Path, seed: int = 0, force: bool = False)
     root = Path(root)
     path = data_file(shape, root)
     manifest = path.parent / "SYNTHETIC.json"
-    wanted = {"shape": dataclasses.asdict(shape), "seed": seed}
+    wanted = json.loads(json.dumps({"shape": dataclasses.asdict(shape), "seed": seed}))  # as the manifest reads back
     if not force and path.is_file() and manifest.is_file():
         found = json.loads(manifest.read_text())
         if {k: found.get(k) for k in wanted} == wanted:
