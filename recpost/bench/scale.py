@@ -121,19 +121,28 @@ def scale_bench(
     return figures
 
 
-def project(figures: dict[str, float], data: dict[str, float]) -> dict[str, float]:
-    """Epoch, validation and test times from the measured figures (see the module doc)."""
+def project(figures: dict[str, float], data: dict[str, float] | None = None) -> dict[str, float]:
+    """Epoch, validation and test times from the measured figures (see the module doc): wall seconds on this
+    machine as measured, CPU seconds (one core's worth; steadier on a shared machine), and the GPU projection."""
     out: dict[str, float] = {}
     methods = {name.split("/")[1] for name in figures if name.startswith("step/") and name.endswith("/step_seconds")}
+    gpu_rate = GPU_PEAK_FLOPS * GPU_UTILISATION
     for method in sorted(methods):
         get = lambda key: figures[f"step/{method}/{key}"]  # noqa: E731
         batches = math.ceil(get("windows") / get("batch_size"))
         out[f"projected/epoch_seconds/{method}"] = batches * (get("step_seconds") + get("batch_seconds"))
-        gpu_step = get("step_flops") / (GPU_PEAK_FLOPS * GPU_UTILISATION)
-        out[f"projected/gpu_epoch_seconds/{method}"] = batches * gpu_step
+        if f"step/{method}/step_cpu_seconds" in figures:
+            out[f"projected/epoch_cpu_seconds/{method}"] = batches * get("step_cpu_seconds")
+        out[f"projected/gpu_epoch_seconds/{method}"] = batches * get("step_flops") / gpu_rate
     for model in ("pretrain", "sft"):
         rate = figures.get(f"eval/{model}/users_per_second")
-        if rate:
-            out[f"projected/validation_seconds/{model}"] = figures[f"eval/{model}/val_users"] / rate
-            out[f"projected/validation_all_users_seconds/{model}"] = figures[f"eval/{model}/all_users"] / rate
+        if not rate:
+            continue
+        get = lambda key: figures[f"eval/{model}/{key}"]  # noqa: E731
+        for name, users in (("validation", get("val_users")), ("validation_all_users", get("all_users"))):
+            out[f"projected/{name}_seconds/{model}"] = users / rate
+            if f"eval/{model}/eval_cpu_seconds" in figures:
+                out[f"projected/{name}_cpu_seconds/{model}"] = users * get("eval_cpu_seconds") / get("eval_users")
+            if f"eval/{model}/flops_per_user" in figures:
+                out[f"projected/gpu_{name}_seconds/{model}"] = users * get("flops_per_user") / gpu_rate
     return out

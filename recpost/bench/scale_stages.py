@@ -194,8 +194,12 @@ def evaluate(job: dict) -> dict[str, float]:
     users = dm.eval_users("val")
     sample = np.sort(np.random.default_rng(0).choice(users, size=min(job["eval_users"], len(users)), replace=False))
     batches = [dm.eval_batch(part, "val") for part in np.array_split(sample, max(1, -(-len(sample) // dm.eval_batch_size)))]
+    from torch.utils.flop_counter import FlopCounterMode
+
     policy.on_validation_epoch_start()
-    policy.validation_step({k: v.to(job["device"]) for k, v in batches[0].items()}, 0)  # warm-up, not timed
+    with FlopCounterMode(display=False) as counter:  # warm-up, not timed: its FLOPs are counted
+        policy.validation_step({k: v.to(job["device"]) for k, v in batches[0].items()}, 0)
+    flops_per_user = counter.get_total_flops() / len(batches[0]["user_index"])
     policy.val_metrics.reset()
     setup_mib = _current_mib()
     t, c = time.perf_counter(), _cpu_seconds()
@@ -205,7 +209,8 @@ def evaluate(job: dict) -> dict[str, float]:
         torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - t, _cpu_seconds() - c
     ndcg = float(policy.val_metrics.compute()["ndcg@10"])
-    return {"eval_users": len(sample), "eval_seconds": seconds, "eval_cpu_seconds": cpu, "users_per_second": len(sample) / seconds,
+    return {"eval_users": len(sample), "eval_seconds": seconds, "eval_cpu_seconds": cpu, "flops_per_user": flops_per_user,
+            "users_per_second": len(sample) / seconds,
             "val_users": len(users), "all_users": dm.data.n_users, "eval_batch_size": dm.eval_batch_size,
             "score_chunk_size": float(policy.hparams.score_chunk_size or 0), "ndcg@10": ndcg,
             "setup_mib": setup_mib, "peak_mib": _resident_mib(), **_gpu_peak(job)}

@@ -240,13 +240,13 @@ class RecDataModule(L.LightningDataModule):
         return self._train_mean
 
     def _in_train(self) -> np.ndarray:
-        """``[n_interactions]`` bool: the interaction is in a training sequence (not a validation or test target)."""
+        """``[n_interactions]`` bool: the interaction is in a training sequence (not a validation or test target).
+        One byte per interaction: every rank computes it over the whole data (ML-20M: 19 MiB, was 320 MiB)."""
         d = self.data
-        starts, ends = d.offsets[:-1], d.offsets[1:] - HELD_OUT["val"]
-        mask = np.zeros(len(d.item) + 1, dtype=np.int64)
-        np.add.at(mask, starts, 1)
-        np.add.at(mask, ends, -1)
-        return np.cumsum(mask)[:-1] > 0
+        in_train = np.ones(len(d.item), dtype=bool)
+        for held in range(1, HELD_OUT["val"] + 1):  # each user's last HELD_OUT["val"] interactions
+            in_train[np.maximum(d.offsets[1:] - held, d.offsets[:-1])] = False
+        return in_train
 
     def train_user_weights(self) -> np.ndarray:
         """``[n_users]``: how many times each user's training windows are used per epoch (1 each, or the

@@ -1,0 +1,54 @@
+"""Memory bounds of what every DDP rank computes from the data (docs/scale/costs.md has the ML-20M figures): the
+training mask in one byte per interaction, and a rank of eight building an eighth of the training windows."""
+
+from __future__ import annotations
+
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+
+from recpost.data import RecDataModule, Table
+
+N_USERS = 20_000
+
+
+def data_module(tmp_path, **kw) -> RecDataModule:
+    """A DataModule over 20,000 users with 3..200 interactions each (~2M), held in memory (no files read)."""
+    lengths = np.random.default_rng(0).integers(3, 201, size=N_USERS)
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    n = int(offsets[-1])
+    dm = RecDataModule(Table(str(tmp_path / "unused.csv")), max_len=50, **kw)
+    dm._data = SimpleNamespace(item=np.ones(n, dtype=np.int64), rating=np.ones(n, dtype=np.float32), offsets=offsets,
+                               n_users=N_USERS, n_items=1)
+    return dm
+
+
+def peak_bytes(fn):
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_training_mask_costs_one_byte_per_interaction_and_holds_out_each_users_last_two(tmp_path):
+    dm = data_module(tmp_path)
+    in_train, peak = peak_bytes(dm._in_train)
+    n = len(dm.data.item)
+    assert peak < 1.5 * n  # the bool mask itself; the running-sum version held 16 bytes per interaction
+    ends = dm.data.offsets[1:]
+    assert not in_train[ends - 1].any() and not in_train[ends - 2].any()
+    assert in_train.sum() == n - 2 * N_USERS
+
+
+def test_a_rank_of_eight_builds_an_eighth_of_the_prefix_windows(tmp_path):
+    rank0 = SimpleNamespace(world_size=8, global_rank=0)
+    every, per_rank = data_module(tmp_path, train_samples="prefixes", per_rank_windows=False), data_module(
+        tmp_path, train_samples="prefixes")
+    every.trainer = per_rank.trainer = rank0
+    (all_start, _), every_peak = peak_bytes(every.train_windows)
+    (own_start, _), own_peak = peak_bytes(per_rank.train_windows)
+    assert len(own_start) <= len(all_start) / 8 + 200  # balanced to one user's windows
+    assert own_peak < every_peak / 4
