@@ -8,7 +8,7 @@ Layers import downward only: ``data`` -> ``models`` -> ``evaluation`` -> ``metho
 from recpost.core.errors import RecpostError
 
 __all__ = ["RecpostError", "load_pretrained"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string: pyproject.toml reads it, `recpost --version` prints it
 
 
 def __getattr__(name: str):

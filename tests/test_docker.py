@@ -95,7 +95,7 @@ def test_dockerignore_keeps_everything_the_image_copies():
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith(("#", "!"))]
     sources = _copied_sources()
-    assert {"pyproject.toml", "README.md", "recpost", "configs"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "LICENSE", "recpost"} <= set(sources)  # the configs are in recpost/
     for source in sources:
         files = [source] if (ROOT / source).is_file() else [
             str(p.relative_to(ROOT)) for p in (ROOT / source).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
@@ -126,6 +126,7 @@ def test_the_copied_files_are_enough_to_build_the_package(tmp_path):
     (wheel,) = (tmp_path / "wheels").glob("recpost-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "recpost/cli/main.py" in names and "recpost/methods/exp_sft.py" in names
+    assert "recpost/configs/pretrain/sim.yaml" in names  # what `--config configs/pretrain/sim.yaml` names in the image
     assert any(n.endswith("entry_points.txt") for n in names)
 
 

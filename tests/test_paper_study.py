@@ -234,7 +234,7 @@ def test_each_paper_preset_runs_every_method_on_hstu_under_the_papers_protocol(n
 def test_the_ml1m_preset_reads_this_projects_ml1m_copy():
     study = load_study(str(ROOT / "configs" / "experiments" / "paper_ml1m.yaml"))
     data = yaml.safe_load(study.data_config.read_text())["data"]["source"]["init_args"]
-    assert data["root"] == "../shared/data/ml-1m-users1-2999" and data["variant"] == "1m"
+    assert data["root"] == "$RECPOST_DATA_DIR/ml-1m-users1-2999" and data["variant"] == "1m"  # found from any folder
 
 
 def test_cli_quick_dry_run_of_the_ml100k_preset_prints_a_one_seed_plan(tmp_path):

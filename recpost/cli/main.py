@@ -31,6 +31,7 @@ from recpost.cli.callbacks import ElapsedTime, FitSummary, ResumeCheckpoint
 from recpost.models.checkpoint import AtomicCheckpointIO, read_checkpoint
 from recpost.cli.console import configure_output, quiet_evaluation_warnings, quiet_resume_warnings, user_error
 from recpost.data import RecDataModule
+from recpost.core.configs import config_args
 from recpost.core.errors import RecpostError
 from recpost.core.files import atomic_open, write_json
 from recpost.methods import RecModule
@@ -273,13 +274,16 @@ FUNCTION_COMMANDS = {
     "export": ("recpost.serving.export", "export"),
     "recommend": ("recpost.serving.serve", "recommend"),
 }
+# Commands with positional arguments (`recpost configs cp NAME DEST`) parse their own: name -> (module, function(args)).
+OWN_PARSER_COMMANDS = {"configs": ("recpost.cli.configs", "configs")}
 
 
 def overview() -> str:
     """``recpost --help``: every command with one line (a function command's line is its docstring's first)."""
     lines = ["usage: recpost <command> [options]        (recpost <command> --help: the command's options)", "",
              "Post-training for generative recommenders, on PyTorch Lightning.", "", "commands:"]
-    commands = {**LIGHTNING_COMMANDS, **{name: _first_doc_line(*where) for name, where in FUNCTION_COMMANDS.items()}}
+    commands = {**LIGHTNING_COMMANDS, **{name: _first_doc_line(*where)
+                                         for name, where in {**FUNCTION_COMMANDS, **OWN_PARSER_COMMANDS}.items()}}
     width = max(map(len, commands))
     lines += [f"  {name:<{width}}  {line}" for name, line in commands.items()]
     return "\n".join(lines)
@@ -343,17 +347,30 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(overview())
         sys.exit(0 if args else 2)
+    if args[0] in ("-V", "--version"):
+        from recpost import __version__
+
+        print(f"recpost {__version__}")
+        sys.exit(0)
     configure_output()
     try:
         if args[0] in FUNCTION_COMMANDS:
             run_function_cli(args[0], args[1:])
+        elif args[0] in OWN_PARSER_COMMANDS:
+            import importlib
+
+            module, function = OWN_PARSER_COMMANDS[args[0]]
+            getattr(importlib.import_module(module), function)(args[1:])
         elif not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
-            known = [*LIGHTNING_COMMANDS, *FUNCTION_COMMANDS]
+            known = [*LIGHTNING_COMMANDS, *FUNCTION_COMMANDS, *OWN_PARSER_COMMANDS]
             close = difflib.get_close_matches(args[0], known, n=1)
             raise RecpostError(f"no command {args[0]!r}" + (f"; did you mean {close[0]}?" if close else "")
                                + " (recpost --help lists the commands)")
         else:
-            run_lightning_cli(argv)
+            resolved = config_args(args)  # a shipped config's name -> its path, before jsonargparse reads it
+            if argv is None:
+                sys.argv[1:] = resolved  # LightningCLI reads sys.argv itself (and warns if args are given as well)
+            run_lightning_cli(None if argv is None else resolved)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

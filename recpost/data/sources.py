@@ -38,7 +38,18 @@ def default_data_root() -> Path:
 
 
 def _resolve_root(root: str | None) -> Path:
+    """A source's data folder: null is the data dir; ``$RECPOST_DATA_DIR/<folder>`` is that folder inside it
+    (how a shipped config names data without a path that holds only in one checkout); else the path."""
+    head, _, folder = str(root or "").partition("/")
+    if head in ("$RECPOST_DATA_DIR", "${RECPOST_DATA_DIR}"):
+        return default_data_root() / folder
     return Path(root).expanduser() if root else default_data_root()
+
+
+def data_dir_hint() -> str:
+    """Where the data dir is and why, for a not-found message."""
+    env = os.environ.get("RECPOST_DATA_DIR")
+    return f"RECPOST_DATA_DIR={env}" if env else f"RECPOST_DATA_DIR is not set, so the data dir is {default_data_root()}"
 
 
 def _file_stamp(path: Path) -> dict:
@@ -167,7 +178,8 @@ class MovieLens(Source):
             return self._download(archive, extracted)
         raise RecpostError(
             f"MovieLens {self.variant} not found: expected {extracted} or {archive}; download "
-            f"{GROUPLENS_URL.format(name=self.folder)} into {self.root} (or set RECPOST_DATA_DIR or --data.source.init_args.root)"
+            f"{GROUPLENS_URL.format(name=self.folder)} into {self.root}, or set RECPOST_DATA_DIR or "
+            f"--data.source.init_args.root to where it is ({data_dir_hint()})"
         )
 
     def _download(self, archive: Path, extracted: Path) -> Path:
@@ -282,7 +294,7 @@ class Amazon(Source):
         what = "ratings file" if self.file == "ratings" else "review dump"
         raise RecpostError(
             f"Amazon {what} not found: {' or '.join(map(str, candidates))}; download it from the Amazon review data "
-            f"({self.release} release) and set data.source.root, or data.source.path to the file"
+            f"({self.release} release) and set data.source.root, or data.source.path to the file ({data_dir_hint()})"
         )
 
     def fingerprint(self) -> dict:

@@ -43,7 +43,8 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
     study once per simulated world, each in ``<output_dir>/<world>/``, then writes ``regimes.md``.
 
     Args:
-        config: experiment YAML (``configs/experiments/<name>.yaml``).
+        config: experiment YAML: a path, or a shipped config's name (``experiments/<name>.yaml``, ``recpost
+            configs`` lists them); the default is the simulator study, from any folder.
         output_dir: where stages and results go (default ``runs/experiments/<name>``, with ``--quick``
             ``runs/experiments/<name>_quick``).
         seeds: number of seeds (0..N-1); overrides the config's ``seeds`` (and its ``quick:`` section's).

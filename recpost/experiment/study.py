@@ -29,13 +29,13 @@ from typing import Any
 
 import yaml
 
+from recpost.core.configs import find_config, shipped, shipped_in
 from recpost.core.errors import RecpostError
 from recpost.experiment.judging import JudgeSpec, check_judges, parse_judges
 from recpost.experiment.settings import accepted, check_settings, keys_of, override_settings, read_method_class
 from recpost.methods import RecModule
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = "configs/experiments/sim.yaml"
+DEFAULT_CONFIG = "experiments/sim.yaml"  # a shipped config's name (recpost.core.configs): runs from any folder
 STUDY_KEYS = {"name", "pretrain_config", "backbone", "data", "pretrained", "methods", "seeds", "posttrain_epochs",
               "pretrain_overrides", "posttrain_overrides", "monitor", "monitor_mode", "reward_model", "judges",
               "eval_min_rating", "wandb", "quick"}
@@ -218,8 +218,8 @@ def _method(name: str, spec: dict, cfg_path: Path) -> MethodSpec:
     _keys(spec, METHOD_KEYS, f"{cfg_path}: methods.{name}")
     if "config" in spec:
         config = resolve_path(spec["config"], cfg_path.parent)
-    elif (REPO_ROOT / "configs" / "method" / f"{name}.yaml").is_file():
-        config = REPO_ROOT / "configs" / "method" / f"{name}.yaml"
+    elif shipped(f"method/{name}.yaml") is not None:
+        config = shipped(f"method/{name}.yaml")
     else:
         raise RecpostError(f"{cfg_path}: unknown method {name!r}; give methods.{name}.config or use one of "
                            f"{_known('method')}")
@@ -335,7 +335,7 @@ def _named_config(folder: str, name: Any, cfg_path: Path) -> Path | None:
         return None
     name = str(name)
     if name in _known(folder):
-        return REPO_ROOT / "configs" / folder / f"{name}.yaml"
+        return shipped(f"{folder}/{name}.yaml")
     if name.endswith((".yaml", ".yml")):
         return resolve_path(name, cfg_path.parent)
     raise RecpostError(f"{cfg_path}: unknown {folder} {name!r}; use one of {_known(folder)} or a config path")
@@ -347,22 +347,21 @@ def _data_config(data: Any, cfg_path: Path) -> Path | None:
         return None
     data = str(data)
     if data in _known("data"):
-        return REPO_ROOT / "configs" / "data" / f"{data}.yaml"
+        return shipped(f"data/{data}.yaml")
     if data.endswith((".yaml", ".yml")):
         return resolve_path(data, cfg_path.parent)
     raise RecpostError(f"{cfg_path}: unknown dataset {data!r}; use one of {_known('data')} or a data config path")
 
 
 def resolve_path(path: str, base: Path) -> Path:
-    """A config path as given, else relative to the experiment file, else to the repository."""
-    for candidate in (Path(path), base / path, REPO_ROOT / path):
-        if candidate.is_file():
-            return candidate.resolve()
-    raise RecpostError(f"config file not found: {path} (looked in ., {base} and {REPO_ROOT})")
+    """A path in an experiment config: relative to the config's folder (``base``), else to the working
+    directory, else a shipped config's name (``../method/sft.yaml`` of a copied-out config finds the shipped
+    one); one error line naming where it looked."""
+    return find_config(path, *dict.fromkeys((base, Path.cwd())))
 
 
 def _known(folder: str) -> list[str]:
-    return sorted(p.stem for p in (REPO_ROOT / "configs" / folder).glob("*.yaml"))
+    return shipped_in(folder)
 
 
 def _keys(raw: dict, allowed: set[str], where: str) -> None:
