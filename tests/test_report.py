@@ -101,3 +101,15 @@ def test_a_regime_map_folder_gets_its_regimes_md_from_its_regimes_json(tmp_path)
     md = (tmp_path / "regimes.md").read_text()
     assert md == render_regimes(summary) and "| w | 0.5 | 3.0000 | +0.2500 (lam=0.5) |" in md
     assert "oracle, not available offline" not in md  # no oracle records: no empty table for them
+
+
+def test_the_command_takes_one_folder(tmp_path, capsys):
+    from recpost.cli.main import main
+
+    rows, per_user = _study_rows()
+    write_results(rows, tmp_path, "val/ndcg@10", per_user=per_user)
+    main(["report", str(tmp_path)])
+    assert f"results: {tmp_path / 'results.md'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["report", str(tmp_path), "extra"])
+    assert stop.value.code == 2 and "recpost report takes one folder" in capsys.readouterr().err

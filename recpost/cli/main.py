@@ -275,7 +275,8 @@ FUNCTION_COMMANDS = {
     "recommend": ("recpost.serving.serve", "recommend"),
 }
 # Commands with positional arguments (`recpost configs cp NAME DEST`) parse their own: name -> (module, function(args)).
-OWN_PARSER_COMMANDS = {"configs": ("recpost.cli.configs", "configs")}
+OWN_PARSER_COMMANDS = {"configs": ("recpost.cli.configs", "configs"),
+                       "report": ("recpost.experiment.render", "report_command")}
 
 
 def overview() -> str:
