@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from recpost.core.files import atomic_path
 from recpost.data.simulator import BanditWorld
 from recpost.evaluation.bounds import additive_lower_bound, eps, tilted_lower_bound, vacuous
 from recpost.methods.losses import exp_weighted_cross_entropy
@@ -223,8 +224,8 @@ def plot_grid(rows: list[dict[str, float]], path: Path) -> Path:
                 ax.set_ylabel("V(pi) - V(pi_beta)")
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # the temporary name keeps the .png ending, which savefig reads
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 

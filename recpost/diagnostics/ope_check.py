@@ -56,7 +56,6 @@ experiment's ``seed<N>`` folder (``exp_sft/lam0.25``), or the run's root folder 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -72,6 +71,7 @@ from recpost.models.checkpoint import load_policy, load_reward_model
 from recpost.data import RecDataModule
 from recpost.data.simulator.world import BLOCK_ELEMENTS
 from recpost.core.errors import RecpostError
+from recpost.core.files import write_json
 from recpost.evaluation.off_policy import (
     Estimate, direct_method, doubly_robust, importance_weights, ips, policy_expectation, ranking_agreement, snips,
 )
@@ -283,9 +283,7 @@ def main(config: list[str], policy: list[str], reward_model: str, split: Literal
               "checkpoints": {p.name: p.checkpoint for p in policies}, **estimate_policies(samples)}
     print_report(report)
     if output:
-        path = Path(output).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(output).expanduser(), report)
     return report
 
 

@@ -29,6 +29,7 @@ import yaml
 
 from recpost.data.simulator import Simulator, WorldConfig
 from recpost.core.errors import RecpostError
+from recpost.core.files import write_text
 from recpost.experiment.plan import Plan, build_plan
 from recpost.experiment.study import Study, parse_study, read_config, resolve_path
 
@@ -125,7 +126,7 @@ def write_world_config(study: Study, world: World) -> Path:
     header = (f"# World {world.name} of a regime map, written by recpost experiment: composed after the study's "
               "configs in every stage.\n")
     body = {"data": {"source": {"init_args": {"world": dict(world.settings)}}}}
-    path.write_text(header + yaml.safe_dump(body, sort_keys=False))
+    write_text(path, header + yaml.safe_dump(body, sort_keys=False))
     return path
 
 

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -164,19 +164,15 @@ def _passing_on_signals(proc: subprocess.Popen) -> Iterator[list[int]]:
 
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:
     """Send ``signum`` to ``proc``'s process group (its own, from ``start_new_session``) while it has members."""
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _stop(proc: subprocess.Popen) -> None:
     """``STOP_GRACE_SECONDS`` for the child to stop, then its group is killed, workers included (a fit still
     importing or building its data may not look at an interrupt for much longer)."""
-    try:
+    with suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=STOP_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        pass
     _signal_group(proc, signal.SIGKILL)
     proc.wait()
 
@@ -362,7 +358,9 @@ class Runner:
         if received:
             name = signal.Signals(received[0]).name
             self.say(f"{label}: interrupted ({name}); run the same command again to resume (finished stages are reused)")
-            raise SystemExit(128 + received[0])
+            self.__exit__()  # the progress display gives the terminal back
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(128 + received[0])  # at once: tearing down torch & co. takes seconds; the kernel frees the locks
         return proc.returncode
 
 

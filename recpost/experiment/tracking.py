@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from recpost.core.files import write_text
 from recpost.experiment.study import Study
 
 
@@ -50,7 +51,7 @@ def logger_config(path: Path, csv_dir: Path, wandb: dict | None, run_name: str, 
         loggers.append({"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
             "project": wandb["project"], "entity": wandb.get("entity"), "group": wandb["group"], "name": run_name,
             "id": run_id, "job_type": job, "save_dir": str(path.parent), "resume": "allow"}})
-    path.write_text(yaml.safe_dump({"trainer": {"logger": loggers}}, sort_keys=False))
+    write_text(path, yaml.safe_dump({"trainer": {"logger": loggers}}, sort_keys=False))
     return path
 
 
