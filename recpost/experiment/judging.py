@@ -39,7 +39,7 @@ import yaml
 
 from recpost.core.errors import RecpostError
 from recpost.experiment.settings import accepted, check_settings, keys_of, override_settings, read_method_class
-from recpost.methods import MFRewardModel, RecModule
+from recpost.methods import MFRewardModel
 from recpost.methods.rating_base import RatingModule
 
 JUDGE_KINDS = ("same_base", "scratch", "other_backbone", "mf")
@@ -171,7 +171,6 @@ def check_judges(panel: JudgeSpec, inherited: dict[str, Any], posttrain_override
     model (``RewardModel`` or ``MFRewardModel``), keys it takes, values it accepts, a backbone to swap."""
     for k, judge in enumerate(panel.members()):
         label = f"{where}: judges (judge {k}, {judge.kind})"
-        cls: type[RecModule]
         cls, args = read_method_class("judges", judge.config, where)
         if not issubclass(cls, RatingModule):
             raise RecpostError(f"{label}: {judge.config} is not a rating model ({cls.__name__}); use "
