@@ -43,6 +43,17 @@ def test_the_training_mask_costs_one_byte_per_interaction_and_holds_out_each_use
     assert in_train.sum() == n - 2 * N_USERS
 
 
+def test_item_counts_leave_out_the_held_out_targets_without_copying_the_item_column(tmp_path, monkeypatch):
+    monkeypatch.setattr("recpost.data.arrays.COUNT_CHUNK", 1 << 16)  # this small data in chunks too
+    dm = data_module(tmp_path)
+    dm.data.item = np.random.default_rng(1).integers(1, 51, size=len(dm.data.item))
+    dm.data.item.flags.writeable = False  # as the memory-mapped cache's columns are: np.bincount would copy it
+    dm.data.n_items = 50
+    counts, peak = peak_bytes(dm.train_item_counts)
+    assert counts.tolist() == np.bincount(dm.data.item[dm._in_train()], minlength=51).tolist()
+    assert peak < 2.5 * len(dm.data.item)  # two masks of a byte each; a copy of the item column is 8 bytes each
+
+
 def test_a_rank_of_eight_builds_an_eighth_of_the_prefix_windows(tmp_path):
     rank0 = SimpleNamespace(world_size=8, global_rank=0)
     every, per_rank = data_module(tmp_path, train_samples="prefixes", per_rank_windows=False), data_module(

@@ -41,3 +41,16 @@ def earlier_items(data, start: np.ndarray) -> np.ndarray:
     """``[B, H]`` every item of the user before each position ``start`` of ``data`` (``Interactions``), left-padded."""
     user_start = data.offsets[np.searchsorted(data.offsets, start, side="right") - 1]  # [B]
     return gather_left_padded(data.item, user_start, start, max(1, int((start - user_start).max())))
+
+
+COUNT_CHUNK = 1 << 20  # values counted at a time by count_values (8 MiB of int64)
+
+
+def count_values(values: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount(values, minlength=minlength)`` a chunk at a time: ``bincount`` copies a read-only input (the
+    memory-mapped cache columns are) whole, 8 bytes per value; this copies ``COUNT_CHUNK`` values at most."""
+    counts, chunk = np.zeros(minlength, dtype=np.int64), COUNT_CHUNK
+    for start in range(0, len(values), chunk):
+        part = np.bincount(values[start:start + chunk], minlength=minlength)
+        counts[:len(part)] += part
+    return counts

@@ -30,7 +30,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from recpost.core.batch import EvalBatch, TrainBatch
-from recpost.data.arrays import IndexDataset, earlier_items, gather_left_padded, gather_sequences
+from recpost.data.arrays import IndexDataset, count_values, earlier_items, gather_left_padded, gather_sequences
 from recpost.data.cache import Interactions, PreprocessOptions, build_cache, open_cache
 from recpost.data.sampling import LengthGroupedSampler
 from recpost.data.shards import WindowShard, rank_windows
@@ -274,8 +274,9 @@ class RecDataModule(L.LightningDataModule):
         Validation and test targets are not counted. The popularity sampler of a sampled softmax
         (``model.negative_sampler: popularity``) draws negatives in proportion to these.
         """
-        d = self.data
-        return np.bincount(d.item[self._in_train()], minlength=d.n_items + 1)
+        d, n = self.data, self.data.n_items + 1
+        held_out = d.item[np.flatnonzero(~self._in_train())]  # a few per user: no copy of the whole item column
+        return count_values(d.item, n) - np.bincount(held_out, minlength=n)
 
     def train_target_rewards(self) -> np.ndarray:
         """The reward of every training target ``[N]`` (each training interaction but a user's first, the
