@@ -7,6 +7,7 @@ import tracemalloc
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 from recpost.data import RecDataModule, Table
 
@@ -63,3 +64,23 @@ def test_a_rank_of_eight_builds_an_eighth_of_the_prefix_windows(tmp_path):
     (own_start, _), own_peak = peak_bytes(per_rank.train_windows)
     assert len(own_start) <= len(all_start) / 8 + 200  # balanced to one user's windows
     assert own_peak < every_peak / 4
+
+
+def test_asft_scores_its_baseline_a_block_of_states_at_a_time_with_the_same_values(tmp_path, monkeypatch):
+    # Without score_chunk_size (the ML-20M study) the baseline held [states, n_items] tensors: 8.3 GB per step there.
+    from recpost.methods import ASFT
+    from tests.helpers import build, pretrained_checkpoint, reward_model_checkpoint, tiny_datamodule
+
+    dm = tiny_datamodule(tmp_path)
+    module = build(ASFT, dm, init_from=str(pretrained_checkpoint(dm, tmp_path / "pre.ckpt")),
+                   reward_model=str(reward_model_checkpoint(dm, tmp_path / "rm.ckpt")))
+    batch = dm.train_batch(list(range(32)))
+    states = batch["next_items"] > 0
+    whole = module.baseline(batch, states)
+    monkeypatch.setattr("recpost.models.fused_ce.BLOCK_ELEMENTS", 1 << 10)  # 64-row blocks on this tiny catalog
+    shapes = []
+    score = module.reference.score_columns
+    monkeypatch.setattr(module.reference, "score_columns", lambda h, c: shapes.append(h.shape[0]) or score(h, c))
+    blocked = module.baseline(batch, states)
+    assert int(states.sum()) > 64 and max(shapes) == 64  # never every state at once
+    assert torch.allclose(blocked, whole, rtol=1e-5)
