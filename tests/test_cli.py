@@ -140,14 +140,15 @@ def test_bad_method_setting_is_one_clear_line_not_a_traceback(tiny_config):
 
 
 def test_help_lists_every_command_with_one_line(capsys):
-    from recpost.cli.main import FUNCTION_COMMANDS, LIGHTNING_COMMANDS, main
+    from recpost.cli.main import FUNCTION_COMMANDS, LIGHTNING_COMMANDS, OWN_PARSER_COMMANDS, main
 
     with pytest.raises(SystemExit) as exit_code:
         main(["--help"])
     printed = capsys.readouterr().out
     assert exit_code.value.code == 0 and printed.strip() == overview()
     listed = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  ")}
-    assert set(listed) == {*LIGHTNING_COMMANDS, *FUNCTION_COMMANDS} >= {"fit", "test", "experiment", "bench"}
+    assert set(listed) == {*LIGHTNING_COMMANDS, *FUNCTION_COMMANDS, *OWN_PARSER_COMMANDS} >= {
+        "fit", "test", "experiment", "bench", "configs", "report"}
     assert all(len(line.split()) > 2 for line in listed.values())  # each says what it does
 
 
