@@ -21,6 +21,10 @@ from recpost.core.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"paper_ml1m": 30, "paper_ml20m": 12, "paper_amazon_books": 10, "paper_ml100k": 30}
 PAPER_METHODS = {"sft", "exp_sft", "linear_sft", "asft", "ppo", "dpo", "online_dpo", "rs_dpo"}
+# The fair protocol's controls beside them (issue 26): RM-free offline methods and GRPO.
+CONTROLS = {"filtered_bc", "kto", "dpo_logged", "grpo"}
+# The preference and RL methods, validated every few steps in the presets.
+OFTEN_VALIDATED = {"kto", "dpo_logged", "ppo", "grpo", "dpo", "online_dpo", "rs_dpo"}
 
 
 def _paper_study(tmp_path: Path, tiny_config: Path, extra: str = "", seeds: int = 1) -> Path:
@@ -217,17 +221,24 @@ def test_each_paper_preset_runs_every_method_on_hstu_under_the_papers_protocol(n
     path = ROOT / "configs" / "experiments" / f"{name}.yaml"
     for quick in (False, True):
         study = load_study(str(path), quick=quick)
-        assert {m.name for m in study.methods} == PAPER_METHODS
+        assert {m.name for m in study.methods} == PAPER_METHODS | CONTROLS
         assert study.eval_min_rating == 4.5 and study.judges.count >= 2
         assert next(m for m in study.methods if m.name == "rs_dpo").reward_ensemble >= 2
         backbone = {}
         for config in study.base_configs:  # as `recpost fit` composes them
             backbone.update(((yaml.safe_load(config.read_text()).get("model") or {}).get("init_args") or {}).get("backbone") or {})
         assert backbone["name"] == "hstu"
-        lams = next(m for m in study.methods if m.name == "exp_sft").grid["lam"]
+        lams = next(m for m in study.methods if m.name == "exp_sft").space["lam"]
         assert min(lams) <= 0.1 and max(lams) >= 5.0 and any(0.5 <= lam <= 1.0 for lam in lams)
+        # the fair protocol: the same trials for every method, the learning rate tuned for each down to 1e-6
+        assert study.trials >= 3 and {len(m.settings()) for m in study.methods} == {study.trials}
+        assert all(min(m.space["lr"]) <= 1e-6 and 5e-4 in m.space["lr"] for m in study.methods)
+        for method in study.methods:
+            often = any(o.startswith(("--validation.every_n_steps=", "--trainer.val_check_interval=0.25"))
+                        for o in method.overrides)
+            assert often == (method.name in OFTEN_VALIDATED), method.name
         stages = build_plan(study, Path("/tmp/unused")).stages
-        assert {s.method for s in stages} == PAPER_METHODS | {"base", "reward_model", "reward_ensemble", "judge"}
+        assert {s.method for s in stages} == PAPER_METHODS | CONTROLS | {"base", "reward_model", "reward_ensemble", "judge"}
     assert load_study(str(path)).posttrain_epochs == PRESETS[name]  # the paper's budgets: 30 / 12 / 10
 
 
@@ -243,8 +254,10 @@ def test_cli_quick_dry_run_of_the_ml100k_preset_prints_a_one_seed_plan(tmp_path)
     out = recpost("experiment", "--config", str(ROOT / "configs/experiments/paper_ml100k.yaml"), "--quick", "--dry-run",
                   "--output_dir", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("experiment paper_ml100k_quick: 16 stages, 1 seed")
-    assert "[16/16] seed0/rs_dpo/beta0.1" in out.stdout and not (tmp_path / "out").exists()
+    # RM, 1 more ensemble member, 2 judges, base, then 12 methods x 3 trials
+    assert out.stdout.startswith("experiment paper_ml100k_quick: 41 stages, 1 seed")
+    assert re.search(r"\[41/41\] seed0/rs_dpo/lr[0-9.e-]+-beta", out.stdout) and not (tmp_path / "out").exists()
+    assert "  sft: lr [1e-06, 1e-05, 5e-05, 0.0001, 0.0005, 0.001] -> lr=0.0005; " in out.stdout  # the lr grid
 
 
 # ----------------------------------------------------------------------------------- running and reporting

@@ -122,7 +122,7 @@ def test_worlds_on_data_other_than_the_simulators_are_refused(tmp_path, tiny_con
 def test_quick_replaces_the_worlds_and_the_shipped_map_keeps_every_method_and_the_placebo():
     full = load_regime_map(str(ROOT / "configs/experiments/sim_regimes.yaml"))
     quick = load_regime_map(str(ROOT / "configs/experiments/sim_regimes.yaml"), quick=True)
-    methods = ["sft", "exp_sft", "linear_sft", "asft", "ppo", "online_dpo", "dpo"]
+    methods = ["sft", "exp_sft", "filtered_bc", "linear_sft", "asft", "ppo", "online_dpo", "dpo"]
     assert [m.name for m in full.study.methods] == [m.name for m in quick.study.methods] == methods
     assert (len(full.worlds), len(quick.worlds)) == (28, 5) and quick.name == "sim_regimes_quick"
     assert full.worlds[-1].settings == quick.worlds[-1].settings == {"shuffle_ratings": True}

@@ -1,5 +1,7 @@
 """Lightning callbacks every ``recpost fit`` gets: ``last.ckpt`` beside ``best.ckpt`` for an exact
-resume, the closing line that names both, and the elapsed wall time at each validation.
+resume, the closing line that names both, the elapsed wall time and optimiser steps at each validation, and
+which points are candidates for ``best.ckpt`` (:class:`BestCheckpoint`, :class:`ValidationSchedule`: the
+starting weights, every N optimiser steps).
 
 ``recpost fit ... --ckpt_path last`` continues a run to the same weights and metrics as a run that was
 never stopped. Lightning restores the weights, the optimiser, the schedulers and the loop counters; what
@@ -13,6 +15,7 @@ in the middle of an epoch, so a run killed mid-epoch repeats that epoch from its
 from __future__ import annotations
 
 import csv
+import math
 import random
 import time
 from pathlib import Path
@@ -22,8 +25,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
+from recpost.core.errors import RecpostError
 from recpost.core.runs import LAST_CHECKPOINT
+
+# Logged at each validation of a fit: the optimiser steps taken before it (0: the starting weights).
+OPTIMIZER_STEPS = "time/optimizer_steps"
 
 
 def random_state() -> dict[str, Any]:
@@ -126,8 +134,10 @@ class FitSummary(L.Callback):
 
 
 class ElapsedTime(L.Callback):
-    """Logs ``time/elapsed_seconds`` (wall time since the fit started) at each validation, so
-    ``metrics.csv`` holds the curve a user waits through: validation quality against wall seconds.
+    """Logs ``time/elapsed_seconds`` (wall time since the fit started) and ``time/optimizer_steps`` (optimiser
+    steps taken) at each validation, so ``metrics.csv`` holds the curve a user waits through (validation
+    quality against wall seconds) and the step of each candidate for ``best.ckpt`` (Lightning's ``step``
+    column counts training batches, several optimiser steps each for PPO).
 
     The time includes training, validation and checkpointing, not process start-up or data caching.
     """
@@ -141,3 +151,95 @@ class ElapsedTime(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.start is not None and not trainer.sanity_checking:
             pl_module.log("time/elapsed_seconds", time.perf_counter() - self.start, sync_dist=False)
+            pl_module.log(OPTIMIZER_STEPS, float(trainer.global_step), sync_dist=False)
+
+
+def _fitting(trainer: L.Trainer) -> bool:
+    """A real validation of ``fit`` (not the sanity check, not ``validate``, not ``fast_dev_run``)."""
+    return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and not trainer.fast_dev_run
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``checkpoints/best.ckpt`` (``--checkpoint.*``): Lightning's ``ModelCheckpoint``, with the starting weights
+    as a candidate.
+
+    Lightning never saves before the first optimiser step ("no steps were taken"), so a post-training run
+    that only gets worse would still hand its least-bad degraded weights on as the best. Here a validation at
+    step 0 (:class:`ValidationSchedule`'s, before the first update) is saved like any other: when no later
+    validation beats it, ``best.ckpt`` holds the starting weights. A tie keeps the earlier checkpoint (Lightning
+    replaces the best only on a strict improvement), so the starting policy wins ties.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: a run saved before this class existed resumes with its best score.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 and _fitting(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_validation_end(trainer, pl_module)
+
+
+class ValidationSchedule(L.Callback):
+    """When a fit validates (``--validation.*``): the candidates for ``best.ckpt``.
+
+    Args:
+        at_start: validate before the first update, so that the starting weights are a candidate
+            (:class:`BestCheckpoint` keeps them when nothing later beats them) and ``metrics.csv`` starts at
+            step 0. ``null``: when the model starts from ``init_from`` weights (post-training), not for a model
+            trained from scratch. A resumed fit (``--ckpt_path``) does not validate its start again.
+        every_n_steps: validate every this many optimiser steps, counted over the whole run, and after the
+            last update, instead of once per epoch (``null``). A method that takes several optimiser steps per
+            training batch (PPO: ``ppo_epochs x num_minibatches`` per rollout) validates after the batch that
+            reaches the count: every ``ceil(every_n_steps / steps per batch)`` batches. Preference and RL methods
+            can peak within an epoch; frequent validation keeps that point a candidate.
+    """
+
+    def __init__(self, at_start: bool | None = None, every_n_steps: int | None = None) -> None:
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
+            raise RecpostError(f"validation.every_n_steps must be an integer >= 1 or null (got {every_n_steps!r})")
+        self.at_start = at_start
+        self.every_n_steps = every_n_steps
+        self._validated_at: int | None = None  # optimiser steps at the last validation of this fit
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.every_n_steps is None:
+            return
+        if trainer.val_check_interval != 1.0 or trainer.check_val_every_n_epoch != 1:
+            raise RecpostError("validation.every_n_steps replaces trainer.val_check_interval and "
+                               "trainer.check_val_every_n_epoch; give one or the other")
+        # Lightning's own schedule, in training batches counted over the run (not per epoch).
+        steps_per_batch = pl_module.optimizer_steps_per_batch() if hasattr(pl_module, "optimizer_steps_per_batch") else 1
+        trainer.val_check_interval = max(1, math.ceil(self.every_n_steps / steps_per_batch))
+        trainer.check_val_every_n_epoch = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validated_at = None
+        at_start = self.at_start if self.at_start is not None else bool(pl_module.hparams.get("init_from"))
+        if at_start and trainer.global_step == 0:
+            self._validate(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _fitting(trainer):
+            self._validated_at = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_steps is not None and self._validated_at != trainer.global_step:
+            self._validate(trainer)  # the final weights are a candidate too
+
+    @staticmethod
+    def _validate(trainer: L.Trainer) -> None:
+        """Run the fit's validation loop now, as Lightning does between training batches (the same loop,
+        logger and checkpoint callbacks; the trainer back in training state after)."""
+        if not trainer.enable_validation:
+            return
+        connector = trainer._logger_connector
+        first_loop_iter = connector._first_loop_iter
+        trainer.validating = True
+        try:
+            trainer.fit_loop.epoch_loop.val_loop.run()
+        finally:
+            trainer.training = True
+            connector._first_loop_iter = first_loop_iter

@@ -22,12 +22,12 @@ from argparse import ArgumentError
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from recpost.cli.arguments import EVAL_TIME_SETTINGS, explain_parse_error, given_model_settings, refuse_training_flags
-from recpost.cli.callbacks import ElapsedTime, FitSummary, ResumeCheckpoint
+from recpost.cli.callbacks import BestCheckpoint, ElapsedTime, FitSummary, ResumeCheckpoint, ValidationSchedule
 from recpost.models.checkpoint import AtomicCheckpointIO, read_checkpoint
 from recpost.cli.console import configure_output, quiet_evaluation_warnings, quiet_resume_warnings, user_error
 from recpost.data import RecDataModule
@@ -128,7 +128,8 @@ class RecpostCLI(LightningCLI):
         parser.link_arguments("data.max_len", "model.init_args.max_len")
         parser.link_arguments("data.n_items", "model.init_args.n_items", apply_on="instantiate")
         parser.link_arguments("data.item_map_hash", "model.init_args.item_map_hash", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")  # the starting weights a candidate too
+        parser.add_lightning_class_args(ValidationSchedule, "validation")  # at start, every N optimiser steps
         parser.set_defaults({
             "checkpoint.monitor": MONITOR,
             "checkpoint.mode": "max",

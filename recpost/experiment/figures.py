@@ -75,13 +75,14 @@ def metric_vs_lambda(rows: list[dict], metric: str, path: Path, method: str = "e
     if not lams:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    values = [[r[metric] for r in ok if r["method"] == method and r["setting"].get("lam") == lam] for lam in lams]
+    values = [[r[metric] for r in _validation_pick([r for r in ok if r["method"] == method
+                                                    and r["setting"].get("lam") == lam])] for lam in lams]
     stats = [_mean_std(v) for v in values]
     seeds = max(len(v) for v in values)
     ax.errorbar(lams, [m for m, _ in stats], yerr=[s for _, s in stats] if seeds > 1 else None, marker="o", capsize=3,
                 label=f"{method} (mean ± std, {seeds} seeds)" if seeds > 1 else method)
     for other, style in (("sft", "--"), ("base", ":")):
-        level = [r[metric] for r in ok if r["method"] == other]
+        level = [r[metric] for r in _validation_pick([r for r in ok if r["method"] == other])]
         mean, std = _mean_std(level)
         if not math.isnan(mean):
             colour = "grey" if other == "base" else "black"
@@ -97,6 +98,22 @@ def metric_vs_lambda(rows: list[dict], metric: str, path: Path, method: str = "e
     ax.set_title(f"{method}: {metric_label(metric)} vs lambda", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _validation_pick(rows: list[dict]) -> list[dict]:
+    """The rows of the setting validation prefers among ``rows`` (a study with ``trials`` runs several settings
+    per lambda, e.g. learning rates; SFT several learning rates): the best mean ``monitor`` over seeds. Rows of
+    one setting are returned as they are."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(json.dumps(r["setting"], sort_keys=True), []).append(r)
+    if len(groups) < 2:
+        return rows
+    monitor, mode = rows[0].get("monitor", "val/ndcg@10"), rows[0].get("monitor_mode", "max")
+    scored = {k: statistics.mean(vals) for k, rs in groups.items() if (vals := [r[monitor] for r in rs if monitor in r])}
+    if not scored:
+        return rows
+    return groups[(max if mode == "max" else min)(scored, key=scored.get)]
 
 
 def _read_curve(path: str) -> dict[str, list[tuple[int, float]]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from recpost.core.errors import RecpostError
 from recpost.experiment.judging import judge_configs
 from recpost.experiment.study import MethodSpec, Study
+from recpost.experiment.trials import describe_trials
 from recpost.core.runs import BEST_CHECKPOINT
 
 # Offsets of the other reward models' seeds from the study seed (another initialisation and batch order):
@@ -276,6 +277,7 @@ class Plan:
         lines = [f"experiment {self.study.name}: {len(self.stages)} stages, {seeds}, into {self.out}",
                  f"<{BEST_CHECKPOINT}.ckpt of S>: the best checkpoint of stage S, which is fitted first; "
                  "[...]: left out if S fails. Each command also composes its stage's <fit|test|test_all>_loggers.yaml."]
+        lines += describe_trials(self.study.methods, self.study.trials)
         for i, stage in enumerate(self.stages, 1):
             needs = f"; needs {', '.join(stage.needs)}" if stage.needs else ""
             lines += ["", f"[{i}/{len(self.stages)}] {stage.name} ({stage.label}{needs})",

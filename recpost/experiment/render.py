@@ -4,9 +4,10 @@ module's rendering of them; ``recpost report DIR`` renders the same file again, 
 Everything a table shows is a field of the rows. The runner computes what needs more than the rows (the
 paired bootstrap over per-user results, the reward models' error correlations, the figures) and stores it in
 them (:mod:`.report`): ``chosen`` / ``oracle_chosen`` (the settings chosen on validation), ``monitor`` /
-``monitor_mode`` (what chose them), ``reference`` and ``intervals`` (each Δ column's mean difference to the
-reference and its 95% interval), ``rm_error_corr`` (an evaluator's or a judge's error correlation with the
-training RM) and ``figures`` (the figures that show the row's method).
+``monitor_mode`` (what chose them), ``reference``, ``reference_setting`` (its setting chosen on validation)
+and ``intervals`` (each Δ column's mean difference to the reference and its 95% interval), ``rm_error_corr``
+(an evaluator's or a judge's error correlation with the training RM), ``figures`` (the figures that show the
+row's method), and the budget and selection of the run: ``trials``, ``chosen_step``, ``val_at_start``.
 
 Columns are listed once, in :data:`POLICY_COLUMNS` and :data:`RM_COLUMNS`: a new row field becomes a column
 by adding it there, and a column shows when some row has its field.
@@ -43,8 +44,12 @@ TABLE_METRICS = ["ndcg@10", "hr@10", "ndcg@10_liked", "hr@10_liked", "rating@10"
 ALL_TARGET_METRICS = ["ndcg@10", "hr@10"]
 # The policy table's columns after the selection metric, in order. A spread (``_std``) is never bold:
 # neither end is better.
-POLICY_COLUMNS = [*(Column(f"test/{m}", bold=not m.endswith("_std")) for m in TABLE_METRICS),
+POLICY_COLUMNS = [Column("val_at_start", bold=False),  # the selection metric before any update (the fair protocol)
+                  *(Column(f"test/{m}", bold=not m.endswith("_std")) for m in TABLE_METRICS),
                   *(Column(f"test_all/{m}") for m in ALL_TARGET_METRICS)]
+# Columns of one value per run, shown as they are (seed order), after the seeds column: the settings the method
+# tried per seed and the optimiser steps of each run's chosen checkpoint (0: the starting policy kept).
+RUN_COLUMNS = ["trials", "chosen_step"]
 # Columns compared against the reference with a paired bootstrap over users (those present in the output).
 PAIRED_COLUMNS = ["test/ndcg@10", "test_all/ndcg@10", "test/true_reward@10", "test/judge_reward@10"]
 RM_METRICS = ["rmse", "mae", "rmse_global_mean", "rmse_item_mean", "rmse_user_mean"]
@@ -69,6 +74,10 @@ ALL_TARGETS_NOTE = ("`val/` and `test/`: only the users whose held-out target is
                     "same checkpoints tested on every user's target.")
 ONE_SEED_NOTE = ("With one seed an interval resamples test users only, not training runs (their seed-to-seed "
                  "variance is not in it), so no difference is marked `*`; run `--seeds 2` or more for significance marks.")
+SELECTION_NOTE = ("`trials`: settings of the method tried in each seed (the same budget for every method); "
+                  "`chosen_step`: optimiser steps of each seed's chosen checkpoint, 0 when no update beat the starting "
+                  "policy (validated before the first update, and kept); `val_at_start`: the selection metric of the "
+                  "starting policy, which no chosen checkpoint falls below.")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REGIMES_JSON = "regimes.json"
@@ -212,7 +221,9 @@ def _policy_table(policy: dict[tuple[str, str], list[dict]]) -> list[str]:
         means = {key: s[c.key][0] for key, s in stats.items() if s[c.key] is not None}
         if c.bold and means:
             best[c.key] = (min if c.key == monitor and mode == "min" else max)(means, key=means.get)
-    header = ["method", "setting", "seeds", *(c.key for c in cols), *(f"Δ {c} vs {reference} [95% CI]" for c in paired)]
+    per_run = [c for c in RUN_COLUMNS if c in present]
+    header = ["method", "setting", "seeds", *per_run, *(c.key for c in cols),
+              *(f"Δ {c} vs {reference} [95% CI]" for c in paired)]
     lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     n_settings: dict[str, int] = {}
     for method, _ in policy:
@@ -221,19 +232,29 @@ def _policy_table(policy: dict[tuple[str, str], list[dict]]) -> list[str]:
     for key, rs in policy.items():
         method, setting = key
         mark = " **(chosen on val)**" if rs[0].get("chosen") and n_settings[method] > 1 else ""
-        cells = []
+        cells = [_per_run_cell(rs, c) for c in per_run]
         for c in cols:
             cell = _cell(stats[key][c.key], c.digits)
             cells.append(f"**{cell}**" if best.get(c.key) == key and cell != "-" else cell)
         for c in paired:
-            cell, seeds = _paired_cell(rs[0], c, method == reference)
+            is_reference = method == reference and json.loads(setting) == rs[0].get("reference_setting", {})
+            cell, seeds = _paired_cell(rs[0], c, is_reference)
             one_seed |= seeds == 1
             cells.append(cell)
         lines.append(f"| {method} | {setting_text(json.loads(setting))}{mark} | {_runs(rs)} | {' | '.join(cells)} |")
     keys = [c.key for c in cols]
-    notes = [note for note, shown in ((ALL_TARGETS_NOTE, any(k.startswith("test_all/") for k in keys)),
+    notes = [note for note, shown in ((SELECTION_NOTE, bool(per_run)),
+                                      (ALL_TARGETS_NOTE, any(k.startswith("test_all/") for k in keys)),
                                       (JUDGE_NOTE, "test/judge_reward@10" in keys), (ONE_SEED_NOTE, one_seed)) if shown]
     return lines + [line for note in notes for line in ("", note)]
+
+
+def _per_run_cell(rows: list[dict], key: str) -> str:
+    """The finished runs' values of ``key`` in seed order (one value when they agree, as equal budgets do)."""
+    values = [r[key] for r in sorted(rows, key=lambda r: r.get("seed", 0)) if r["status"] == "ok" and _is_number(r.get(key))]
+    if not values:
+        return "-"
+    return str(values[0]) if key == "trials" and len(set(values)) == 1 else ", ".join(map(str, values))
 
 
 def _paired_cell(row: dict, column: str, is_reference: bool) -> tuple[str, int]:

@@ -27,6 +27,7 @@ from recpost.experiment.plan import Plan, Stage
 # names are re-exported here for the modules that import them from the report.
 from recpost.experiment.render import (ALL_TARGET_METRICS, ORACLE_METRICS, ORACLE_MONITOR, PAIRED_COLUMNS,  # noqa: F401
                                        POLICY_COLUMNS, RM_METHODS, TABLE_METRICS, render_results)
+from recpost.experiment.selection import selection
 from recpost.experiment.stats import paired_bootstrap
 from recpost.experiment.study import Study
 from recpost.methods import PPO
@@ -48,6 +49,11 @@ class Report:
                **({"error": result["error"]} if "error" in result else {}), **result.get("metrics", {})}
         if result.get("metrics_csv"):
             row["metrics_csv"] = result["metrics_csv"]
+        # The budget and the selection (recpost.experiment.trials, .selection): settings of this method tried in
+        # this seed, the optimiser steps of the chosen checkpoint (0: the starting policy), the monitored
+        # validation metric before any update.
+        row["trials"] = sum(1 for s in self.plan.stages if (s.method, s.seed) == (stage.method, stage.seed))
+        row.update(selection(result.get("metrics_csv") if result["status"] == "ok" else None, stage.monitor, stage.mode))
         self.rows.append(row)
         per_user = _read_per_user(result.get("per_user"))
         for user, values in _read_per_user(result.get("per_user_test_all")).items():  # every target's test
@@ -160,17 +166,20 @@ def _add_intervals(policy: dict, per_user: dict, monitor: str, mode: str, refere
     (:data:`PAIRED_COLUMNS`), its group's paired bootstrap difference to the reference (``intervals``)."""
     present = {k for rs in policy.values() for r in rs for k in r}
     columns = [c for c in PAIRED_COLUMNS if c in present]
-    ref_setting = json.dumps({}, sort_keys=True)
+    # The reference's setting chosen on validation (with trials, one of its learning rates; else its only one).
+    ref_setting = next((s for (m, s), rs in policy.items() if m == reference and rs[0].get("chosen")),
+                       json.dumps({}, sort_keys=True))
     for (method, setting), rs in policy.items():
         intervals = {}
-        for column in columns if method != reference else []:
+        for column in columns if (method, setting) != (reference, ref_setting) else []:
             pairs = [(mine, ref) for r in rs if (mine := per_user.get((method, setting, r["seed"])))
                      and (ref := per_user.get((reference, ref_setting, r["seed"])))]
             res = paired_bootstrap(pairs, _per_user_key(column))
             if res is not None:
                 intervals[column] = {"mean": res[0], "low": res[1], "high": res[2], "seeds": len(pairs)}
         for r in rs:
-            r.update(monitor=monitor, monitor_mode=mode, reference=reference, intervals=intervals)
+            r.update(monitor=monitor, monitor_mode=mode, reference=reference, intervals=intervals,
+                     reference_setting=json.loads(ref_setting))
 
 
 def _per_user_key(column: str) -> str:

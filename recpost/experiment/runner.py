@@ -18,7 +18,6 @@ also dies with the runner however it dies (``SIGKILL`` too: a parent-death signa
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import ctypes.util
 import hashlib
@@ -37,6 +36,7 @@ from filelock import FileLock, Timeout
 from recpost.core.errors import RecpostError
 from recpost.core.files import write_json
 from recpost.experiment.plan import Plan, Stage, resolve, with_loggers
+from recpost.experiment.selection import best_validation  # the rule of best.ckpt, one home
 from recpost.experiment.tracking import logger_config, wandb_mode, wandb_settings
 from recpost.core.runs import latest_run, run_folders, writable_folder
 
@@ -58,16 +58,6 @@ def stage_key(args: list[str]) -> str:
         if flag == "--config" and Path(value).is_file():
             h.update(Path(value).read_bytes())
     return h.hexdigest()[:16]
-
-
-def best_validation(metrics_csv: Path, monitor: str, mode: str = "max") -> dict[str, float]:
-    """All ``val/`` metrics of the epoch with the best monitored value (highest, or lowest for ``min``)."""
-    with metrics_csv.open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get(monitor)]
-    if not rows:
-        raise RecpostError(f"{metrics_csv} has no {monitor}")
-    best = (max if mode == "max" else min)(rows, key=lambda r: float(r[monitor]))
-    return {k: float(v) for k, v in best.items() if k.startswith("val/") and v != ""}
 
 
 def check_output_dir(plan: Plan) -> None:

@@ -16,7 +16,9 @@ every policy: ``judge_reward@10``) and, per method, a **reward ensemble** (``rew
 the study's RM and K - 1 more, each on its own seed and bootstrap resample, for RS-DPO).
 ``eval_min_rating`` applies the paper's test protocol to
 every policy (selection and test) and adds a second test over all targets. A ``quick:`` section scales the
-study down for ``--quick`` (fewer seeds, epochs, grid points, judges), keeping every method and stage.
+study down for ``--quick`` (fewer seeds, epochs, grid points, judges), keeping every method and stage. With
+``trials: N`` every method runs N settings drawn from its ``space:`` (the learning rate included), the same
+budget for each (:mod:`.trials`).
 """
 
 from __future__ import annotations
@@ -33,19 +35,21 @@ from recpost.core.configs import find_config, shipped, shipped_in
 from recpost.core.errors import RecpostError
 from recpost.experiment.judging import JudgeSpec, check_judges, parse_judges
 from recpost.experiment.settings import accepted, check_settings, keys_of, override_settings, read_method_class
+from recpost.experiment.trials import assign_trials
 from recpost.methods import RecModule
 
 DEFAULT_CONFIG = "experiments/sim.yaml"  # a shipped config's name (recpost.core.configs): runs from any folder
 STUDY_KEYS = {"name", "pretrain_config", "backbone", "data", "pretrained", "methods", "seeds", "posttrain_epochs",
               "pretrain_overrides", "posttrain_overrides", "monitor", "monitor_mode", "reward_model", "judges",
-              "eval_min_rating", "wandb", "quick"}
-METHOD_KEYS = {"config", "grid", "epochs", "overrides", "reward_ensemble"}
+              "eval_min_rating", "wandb", "quick", "trials", "trial_seed"}
+METHOD_KEYS = {"config", "grid", "space", "epochs", "overrides", "reward_ensemble"}
 RM_KEYS = {"config", "epochs", "overrides", "evaluator"}
 COUNT_KEYS = {"count"}
 # What a quick: section may change (--quick): budgets and grids, never the methods, stages or protocol.
-QUICK_KEYS = {"seeds", "posttrain_epochs", "pretrain_overrides", "posttrain_overrides", "reward_model", "judges", "methods"}
+QUICK_KEYS = {"seeds", "posttrain_epochs", "pretrain_overrides", "posttrain_overrides", "reward_model", "judges", "methods",
+              "trials"}
 QUICK_SECTION_KEYS = {"reward_model": {"epochs", "overrides"}, "judges": {"count", "kinds", "epochs", "overrides"}}
-QUICK_METHOD_KEYS = {"grid", "epochs", "overrides", "reward_ensemble"}
+QUICK_METHOD_KEYS = {"grid", "space", "epochs", "overrides", "reward_ensemble"}
 QUICK_SUFFIX = "_quick"
 # Row names of the stages the runner adds itself: a study's method cannot take them.
 RESERVED_METHODS = {"base", "reward_model", "eval_reward_model", "reward_ensemble", "judge"}
@@ -63,9 +67,14 @@ class MethodSpec:
     epochs: int | None = None
     overrides: list[str] = field(default_factory=list)
     reward_ensemble: int | None = None  # K: train against the study's RM and K - 1 more (other seeds)
+    space: dict[str, list] | None = None  # a study with trials: the settings its trials are drawn from
+    trial_settings: list[dict] = field(default_factory=list)  # ... and those drawn (recpost.experiment.trials)
 
     def settings(self) -> list[dict]:
-        """Every point of the grid (one empty setting without a grid), in the grid's key order."""
+        """The drawn trials in a study with ``trials``; else every point of the grid (one empty setting without
+        a grid), in the grid's key order."""
+        if self.trial_settings:
+            return [dict(s) for s in self.trial_settings]
         if not self.grid:
             return [{}]
         keys = list(self.grid)
@@ -122,6 +131,7 @@ class Study:
     backbone_config: Path | None = None
     wandb: dict | None = field(default_factory=dict)
     world_config: Path | None = None  # a regime map's simulated world (``data:`` settings), composed last
+    trials: int | None = None  # settings tried per method and seed (each method's space: recpost.experiment.trials)
 
     @property
     def base_configs(self) -> list[Path]:
@@ -167,6 +177,8 @@ def parse_study(raw: dict, cfg_path: Path, quick: bool = False) -> Study:
             raise RecpostError(f"{cfg_path}: methods.{name}: {name!r} names a stage the runner adds itself; "
                                f"call the method something else (reserved: {', '.join(sorted(RESERVED_METHODS))})")
     methods = [_method(name, spec or {}, cfg_path) for name, spec in raw["methods"].items()]
+    trials = assign_trials(methods, raw.get("trials"), raw.get("trial_seed", 0), list(raw.get("posttrain_overrides", [])),
+                           str(cfg_path))  # every method's settings drawn from its space: the same budget for each
     rm = None
     if raw.get("reward_model"):
         spec = raw["reward_model"]
@@ -210,7 +222,7 @@ def parse_study(raw: dict, cfg_path: Path, quick: bool = False) -> Study:
         posttrain_overrides=list(raw.get("posttrain_overrides", [])), monitor=raw.get("monitor", "val/ndcg@10"),
         monitor_mode=_mode(raw.get("monitor_mode", "max"), cfg_path), reward_model=rm, judges=judges,
         eval_min_rating=None if eval_min_rating is None else float(eval_min_rating), backbone_config=backbone_config,
-        wandb=None if wandb in (False, None) else dict(wandb),
+        wandb=None if wandb in (False, None) else dict(wandb), trials=trials,
     )
 
 
@@ -236,7 +248,7 @@ def _method(name: str, spec: dict, cfg_path: Path) -> MethodSpec:
         raise RecpostError(f"{cfg_path}: methods.{name}.reward_ensemble: {cls.__name__} takes no reward "
                            "ensemble; it is for recpost.methods.DPO (configs/method/rs_dpo.yaml)")
     return MethodSpec(name, config, cls, init_args, grid, spec.get("epochs"), list(spec.get("overrides", [])),
-                      ensemble)
+                      ensemble, spec.get("space"))
 
 
 def _count(spec: Any, where: str, low: int, example: str, keys: set[str] = COUNT_KEYS) -> int | None:
@@ -316,6 +328,7 @@ def _check_stage_settings(cfg_path: Path, pretrain: Path, pretrain_overrides: li
         keys_of(cls, method.init_args, f"{method.config}: model.init_args")
         keys_of(cls, override_settings(method.overrides), f"{cfg_path}: methods.{method.name}.overrides")
         keys_of(cls, method.grid, f"{cfg_path}: methods.{method.name}.grid")
+        keys_of(cls, method.space or {}, f"{cfg_path}: methods.{method.name}.space")
         rm_arg = {"reward_model": "<the study's reward model>"} if rm is not None and method.takes_reward_model else {}
         for setting in method.settings():
             shown = f" ({', '.join(f'{k}={v}' for k, v in setting.items())})" if setting else ""
