@@ -91,7 +91,9 @@ def test_backbone_policy_terms_equal_the_terms_of_its_scores(similarity):
     sum((o * u).sum() for o, u in zip(want, upstream)).backward()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grad, backbone.item_emb.weight.grad, rtol=1e-4, atol=1e-4)
+    # float32 summed in another order: cosine scores divided by a temperature of 0.05 magnify the rounding
+    # (one element of 296 differed by 1.8e-4 on a CI machine); a wrong term would differ by the gradient's size
+    torch.testing.assert_close(grad, backbone.item_emb.weight.grad, rtol=1e-3, atol=1e-3)
 
 
 def test_block_log_probs_are_the_masked_log_softmax_and_fp32_under_bf16_autocast():
