@@ -175,6 +175,13 @@ def test_wandb_is_offline_without_a_key_and_every_stage_gets_csv_then_wandb(tmp_
     csv_logger, wandb_logger = cfg["trainer"]["logger"]
     assert csv_logger["class_path"].endswith("CSVLogger") and wandb_logger["class_path"].endswith("WandbLogger")
     assert wandb_logger["init_args"]["group"] == "tiny" and wandb_logger["init_args"]["name"] == "tiny-seed-0-sft"
+    # run ids are hex digests: one of digits and an 'e' (a sim study's stage drew 8885523638e8) or digits alone
+    # must reach the fit as text, read by the loader the CLI uses (it read 8885523638e8 as 8.9e17: fit refused)
+    from jsonargparse import get_loader
+
+    for run_id in ("8885523638e8", "123456789012"):
+        text = logger_config(tmp_path / "ids.yaml", tmp_path / "fit", runner.wandb, "n", run_id, "fit").read_text()
+        assert get_loader("yaml")(text)["trainer"]["logger"][1]["init_args"]["id"] == run_id
 
 
 @pytest.mark.parametrize("body, message", [

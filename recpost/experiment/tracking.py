@@ -11,8 +11,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from recpost.core.files import write_text
 from recpost.experiment.study import Study
 
@@ -51,7 +49,9 @@ def logger_config(path: Path, csv_dir: Path, wandb: dict | None, run_name: str, 
         loggers.append({"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
             "project": wandb["project"], "entity": wandb.get("entity"), "group": wandb["group"], "name": run_name,
             "id": run_id, "job_type": job, "save_dir": str(path.parent), "resume": "allow"}})
-    write_text(path, yaml.safe_dump({"trainer": {"logger": loggers}}, sort_keys=False))
+    # JSON (which YAML reads) so every string stays quoted: PyYAML writes a run id such as 8885523638e8 bare,
+    # and jsonargparse's YAML loader reads that back as the number 8.885523638e+17 (a refused fit)
+    write_text(path, json.dumps({"trainer": {"logger": loggers}}, indent=2) + "\n")
     return path
 
 
