@@ -4,6 +4,7 @@ their statistics, bad configs."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from recpost.experiment import build_plan, experiment, load_study, write_results
 from recpost.experiment.plan import EVALUATOR_SEED_OFFSET, CheckpointOf, evaluator_overrides, resolve, with_loggers
 from recpost.experiment.regimes import is_regime_map
 from recpost.experiment.runner import Runner
+from tests.helpers import latest_run
 from recpost.core.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -644,3 +646,45 @@ def test_figure_axes_are_words_with_units_and_each_method_its_own_x_axis(tmp_pat
     plan = build_plan(load_study(str(_rlhf_study(tmp_path, tiny_config))), tmp_path / "out")
     labels = Report(plan).curve_labels
     assert labels["ppo"] == "PPO rollouts (training batches)" and labels["dpo"] == "training batches"
+
+
+def test_a_command_forked_by_the_launcher_equals_a_fresh_interpreters(tmp_path, tiny_config, monkeypatch):
+    """The runner forks its commands from one process that imported recpost once (recpost.experiment.launch):
+    the fit's validation metrics, its exit code and a bad command's one error line equal those of a fresh
+    ``python -m recpost``; RECPOST_STAGE_LAUNCH=spawn starts fresh interpreters."""
+    import csv
+    import subprocess
+
+    from recpost.experiment.launch import Forked, StageLauncher
+
+    def fit(launcher: StageLauncher, name: str, *extra: str) -> tuple[object, int, str]:
+        log = tmp_path / f"{name}.log"
+        args = ["fit", "--config", str(tiny_config), "--seed_everything", "3", "--trainer.max_epochs", "2",
+                "--trainer.enable_progress_bar=false", "--trainer.default_root_dir", str(tmp_path / name), *extra]
+        with log.open("w") as fh:
+            proc = launcher.start(args, log, fh)
+            code = proc.wait(timeout=300)
+        return proc, code, log.read_text()
+
+    def validations(name: str) -> list[dict[str, str]]:
+        with latest_run(tmp_path / name).metrics_csv.open() as fh:
+            return [{k: v for k, v in row.items() if k.startswith("val/")} for row in csv.DictReader(fh)
+                    if row.get("val/ndcg@10")]
+
+    said: list[str] = []
+    forking = StageLauncher(dict(os.environ), lambda: None, said.append)
+    try:
+        proc, code, _ = fit(forking, "forked")
+        assert isinstance(proc, Forked) and code == 0 and not said
+        bad, bad_code, bad_log = fit(forking, "bad", "--model.init_args.lr", "-1")
+        assert isinstance(bad, Forked) and bad_code == 2 and bad_log.count("error:") == 1
+    finally:
+        forking.close()
+    monkeypatch.setenv("RECPOST_STAGE_LAUNCH", "spawn")
+    spawning = StageLauncher(dict(os.environ), lambda: None, said.append)
+    proc, code, _ = fit(spawning, "fresh")
+    assert isinstance(proc, subprocess.Popen) and code == 0
+    assert validations("forked") == validations("fresh") and len(validations("fresh")) == 2
+    monkeypatch.setenv("RECPOST_STAGE_LAUNCH", "threads")
+    with pytest.raises(RecpostError, match="RECPOST_STAGE_LAUNCH='threads': use fork"):
+        StageLauncher(dict(os.environ), lambda: None, said.append)

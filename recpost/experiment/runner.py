@@ -1,4 +1,5 @@
-"""Runs a plan: each stage as ``python -m recpost`` subprocesses in its own folder, finished ones reused.
+"""Runs a plan: each stage as ``recpost`` commands (child processes, see :mod:`.launch`) in its own folder,
+finished ones reused.
 
 A stage's ``stage.json`` records its commands, its key (a hash of the resolved fit arguments and the
 contents of every config file they name) and its result. A stage whose record says ``ok`` for the
@@ -35,6 +36,7 @@ from filelock import FileLock, Timeout
 
 from recpost.core.errors import RecpostError
 from recpost.core.files import write_json
+from recpost.experiment.launch import Forked, StageLauncher
 from recpost.experiment.plan import Plan, Stage, resolve, with_loggers
 from recpost.experiment.selection import best_validation  # the rule of best.ckpt, one home
 from recpost.experiment.tracking import logger_config, wandb_mode, wandb_settings
@@ -135,7 +137,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 @contextmanager
-def _passing_on_signals(proc: subprocess.Popen) -> Iterator[list[int]]:
+def _passing_on_signals(proc: subprocess.Popen | Forked) -> Iterator[list[int]]:
     """While ``proc`` runs, SIGINT and SIGTERM sent to the runner go to its process group (listed as they come)."""
     received: list[int] = []
 
@@ -152,13 +154,13 @@ def _passing_on_signals(proc: subprocess.Popen) -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+def _signal_group(proc: subprocess.Popen | Forked, signum: int) -> None:
     """Send ``signum`` to ``proc``'s process group (its own, from ``start_new_session``) while it has members."""
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signum)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen | Forked) -> None:
     """``STOP_GRACE_SECONDS`` for the child to stop, then its group is killed, workers included (a fit still
     importing or building its data may not look at an interrupt for much longer)."""
     with suppress(subprocess.TimeoutExpired):
@@ -181,6 +183,8 @@ class Runner:
                     **({"WANDB_MODE": mode} if self.wandb else {})}
         self.progress = None
         self.overall = None
+        parent = os.getpid()
+        self.launcher = StageLauncher(self.env, lambda: _die_with_parent(parent), self.say)
         self._checkpoints: dict[str, str | None] = {}  # stage name -> its usable best checkpoint (None: none)
         self._fitted_first: dict[str, dict] = {}  # results of stages fitted early for a later stage
 
@@ -199,6 +203,7 @@ class Runner:
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
             self.progress.stop()
+        self.launcher.close()
 
     def say(self, msg: str) -> None:
         if self.progress is not None:
@@ -332,10 +337,8 @@ class Runner:
         task = None
         if self.progress is not None:
             task = self.progress.add_task(f"  {label}", total=epochs)
-        parent = os.getpid()
         with log.open("w") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "recpost", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                    env=self.env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent))
+            proc = self.launcher.start(args, log, fh)
             with _passing_on_signals(proc) as received:
                 while proc.poll() is None and not received:
                     time.sleep(0.5)

@@ -1,0 +1,120 @@
+"""``python -m recpost.cli.zygote``: imports the CLI once, then forks one ``recpost`` command per request.
+
+The experiment runner's stages are ``recpost fit|test`` commands, two or three a stage; each fresh
+interpreter pays its imports before any work (torch, Lightning — which imports torch's compiler stack,
+scipy and matplotlib — jsonargparse, the methods): 6-9 CPU seconds on a 2-core machine, where a stage of
+the default study does 10-30 s of work. This program pays them once per study. The runner's side, and
+when it is used, is :mod:`recpost.experiment.launch`.
+
+Protocol (JSON lines): after its imports it writes ``{"ready": true}`` (or ``{"ready": false, "why": ...}``
+and exits, when forking would not be safe); then for each request ``{"args": [...], "log": path}`` on
+stdin (optional: ``"err"``, a separate stderr file; ``"cwd"``; ``"env"``, the child's whole environment)
+it forks a child, writes ``{"pid": N}``, waits for the child and writes ``{"exit": code}``. It
+exits when stdin closes, and dies with the runner (a parent-death signal set by the runner).
+
+The child is ``python -m recpost <args>`` in all that matters: its own session and process group (the
+runner signals the group), stdout and stderr into the log file, stdin from ``/dev/null``, ``sys.argv``
+and ``__main__.__spec__`` as ``python -m recpost`` sets them (Lightning's DDP launcher re-runs that
+command for the other ranks), and the interpreter's normal exit, so atexit handlers (W&B's, Lightning's)
+run as they would. Forking is safe because this process has run no operator, started no Python thread and
+not touched CUDA; it checks, and otherwise declines. (The native threads its imports start, OpenBLAS's and
+pyarrow's allocator's, are fork-aware, as every forked DataLoader worker relies on.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _reply(message: dict) -> None:
+    os.write(1, (json.dumps(message) + "\n").encode())
+
+
+def _unsafe_to_fork() -> str | None:
+    """Why forking this process would not be safe now, or None."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        return "CUDA is initialised in the launcher"
+    # Python threads only: the native ones the imports start (OpenBLAS's workers, pyarrow's jemalloc) stop or
+    # reset themselves at fork (pthread_atfork), as every forked DataLoader worker relies on
+    threads = threading.active_count()
+    return f"{threads} Python threads are running in the launcher" if threads != 1 else None
+
+
+def _child(args: list[str], log: str, err: str | None = None, cwd: str | None = None,
+           env: dict[str, str] | None = None) -> None:
+    """In the forked child: become ``python -m recpost <args>`` with output into ``log`` (stderr into
+    ``err`` when given), in ``cwd`` with exactly ``env`` when given; never returns."""
+    import ctypes
+    import ctypes.util
+
+    os.setsid()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with the launcher (which dies with the runner)
+    for target, path in ((1, log), (2, err or log)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+        sys.path[1:1] = extra  # where a fresh interpreter puts PYTHONPATH: after the script's folder
+    if cwd is not None:
+        os.chdir(cwd)
+        sys.path[0] = os.getcwd()  # `python -m` puts the working folder first
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    main_spec = importlib.util.find_spec("recpost.__main__")
+    sys.modules["__main__"].__spec__ = main_spec  # what `python -m recpost` sets (Lightning's DDP relaunch reads it)
+    sys.argv = [main_spec.origin, *args]
+    from recpost.cli.main import main
+
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # what an uncaught exception does in a fresh interpreter
+        traceback.print_exc()
+        code = 1
+    raise SystemExit(code)  # the normal interpreter exit: flushes, atexit handlers
+
+
+def serve() -> None:
+    # Everything a command imports on its way, imported once here (the cost this program saves).
+    import lightning.pytorch  # noqa: F401
+
+    import recpost.cli.main  # noqa: F401
+    import recpost.methods  # noqa: F401
+
+    why = _unsafe_to_fork()
+    if why:
+        _reply({"ready": False, "why": why})
+        return
+    _reply({"ready": True})
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request["args"], request["log"], request.get("err"), request.get("cwd"), request.get("env"))
+        _reply({"pid": pid})
+        _, status = os.waitpid(pid, 0)
+        _reply({"exit": os.waitstatus_to_exitcode(status)})
+
+
+if __name__ == "__main__":
+    serve()
