@@ -89,6 +89,7 @@ def bench(
     memory_limit_gib: float | None = 16.0,
     precision: Literal["32-true", "bf16-mixed"] = "32-true",
     output: str | None = None,
+    methods: list[str] | None = None,
 ) -> dict[str, float]:
     """Measure and print pretraining epoch time, evaluation throughput, method step-time ratios and MFU.
 
@@ -116,13 +117,14 @@ def bench(
         memory_limit_gib: ``synthetic``: address-space limit of each stage's process (null: none).
         precision: ``synthetic``: the steps' precision (``bf16-mixed`` on a GPU).
         output: ``synthetic``: also write the figures as JSON here.
+        methods: ``synthetic``: the stages to time (``pretrain``, ``base``, method names); default every one.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise RecpostError("--device cuda: no CUDA device is visible to torch here; run on a GPU machine or use --device cpu")
     if dataset == "synthetic":
         from recpost.bench.scale import scale_bench
 
-        return scale_bench(shape, data_root, steps=steps or 3, eval_users=eval_users, device=device,
+        return scale_bench(shape, data_root, methods=methods, steps=steps or 3, eval_users=eval_users, device=device,
                            memory_limit_gib=memory_limit_gib, output=output, precision=precision)
     steps = steps or 8
     torch.manual_seed(0)

@@ -135,7 +135,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_bytes(path, buffer.getbuffer())
 
 
-
 def read_checkpoint(path: str | Path, what: str, how: str = PASS_A_FIT_CHECKPOINT) -> dict:
     """Load a checkpoint through the gate (see the module docstring); one-line ``RecpostError`` on the
     first problem: missing, a folder, unreadable, empty, not a safe PyTorch file, not a checkpoint, or

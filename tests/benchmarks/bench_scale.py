@@ -86,11 +86,50 @@ def test_bench_scale(shape, tmp_path):
     assert run(shape, root, None)["study/cpu_hours"] > 0
 
 
+def table(paths: list[str]) -> str:
+    """The stage-cost table of docs/scale/costs.md from finished runs' JSON (one column group per shape)."""
+    runs = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
+    methods = []
+    for run_ in runs.values():
+        methods += [k.split("/")[1] for k in run_["figures"] if k.startswith("step/") and k.endswith("/step_seconds")
+                    and k.split("/")[1] not in methods]
+    head = "| stage | " + " | ".join(f"{s}: CPU s | {s}: wall s | {s}: targets / CPU s | {s}: GFLOP | {s}: peak GiB"
+                                        for s in runs) + " |"
+    lines = [head, "|---" * (1 + 5 * len(runs)) + "|"]
+
+    def cells(run_, prefix, cpu, wall, per, flops):
+        f, errors = run_["figures"], run_.get("errors", {})
+        if f"{prefix}/failed" in f:
+            return ["failed: " + errors.get(prefix, "?").replace("|", "/")[:60], "", "", "", ""]
+        get = lambda key: f.get(f"{prefix}/{key}")  # noqa: E731
+        if get(cpu) is None:
+            return ["", "", "", "", ""]
+        rate = f"{get(per) / get(cpu):,.0f}" if per and get(per) else ""
+        gflop = f"{get(flops) / 1e9:,.1f}" if flops and get(flops) else ""
+        return [f"{get(cpu):,.1f}", f"{get(wall):,.1f}", rate, gflop, f"{get('peak_mib') / 1024:.2f}"]
+
+    rows = [("preprocessing (cold cache)", "preprocess", "preprocess_cpu_seconds", "preprocess_seconds", None, None)]
+    rows += [(f"step: {m}", f"step/{m}", "step_cpu_seconds", "step_seconds", "targets_per_step", "step_flops")
+             for m in methods]
+    rows += [(f"validation, {m} (per {{users}} users)", f"eval/{m}", "eval_cpu_seconds", "eval_seconds", "eval_users",
+              None) for m in ("pretrain", "sft")]
+    for label, prefix, cpu, wall, per, flops in rows:
+        out = [c for run_ in runs.values() for c in cells(run_, prefix, cpu, wall, per, flops)]
+        users = next((int(r["figures"][f"{prefix}/eval_users"]) for r in runs.values()
+                      if f"{prefix}/eval_users" in r["figures"]), 0)
+        lines.append(f"| {label.format(users=users)} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", required=True, choices=sorted(SHIPPED))
+    parser.add_argument("--shape", choices=sorted(SHIPPED))
     parser.add_argument("--root", help="data root for the synthetic files (measure)")
     parser.add_argument("--figures", help="the JSON of a finished run (project only)")
     parser.add_argument("--quick", action="store_true", help="the study's --quick variant")
+    parser.add_argument("--table", nargs="+", help="print docs/scale/costs.md's stage table from these runs' JSON")
     args = parser.parse_args()
-    run(args.shape, args.root, args.figures, args.quick)
+    if args.table:
+        print(table(args.table))
+    else:
+        run(args.shape, args.root, args.figures, args.quick)
