@@ -32,6 +32,7 @@ import threading
 import traceback
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PR_SET_NAME = 15
 
 
 def _reply(message: dict) -> None:
@@ -60,6 +61,8 @@ def _child(args: list[str], log: str, err: str | None = None, cwd: str | None = 
     os.setsid()
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with the launcher (which dies with the runner)
+    # the name top and `ps -o comm` show (15 bytes); `ps -o args` still shows the launcher's command line
+    libc.prctl(PR_SET_NAME, f"recpost {args[0] if args else ''}".encode()[:15])
     for target, path in ((1, log), (2, err or log)):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, target)
