@@ -162,58 +162,15 @@ def recpost(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
         return subprocess.CompletedProcess(["recpost", *map(str, args)], code, read(out), read(err))
 
 
-# Runs each case of `recpost_cases` in its own process forked from one that imported recpost once.
-_FORKING_RUNNER = r"""
-import json, os, sys, tempfile, traceback
-import recpost.cli
-cases = json.load(sys.stdin)
-results = {}
-for name, (args, env) in cases.items():
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
-        os.environ.update(env)
-        sys.argv = ["recpost", *args]
-        code = 0
-        try:
-            recpost.cli.main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    out.seek(0)
-    err.seek(0)
-    results[name] = [os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()]
-json.dump(results, sys.stdout)
-"""
-
-
 def recpost_cases(cases: dict[str, tuple[list[str], dict]], cwd: Path | None = None,
                   timeout: int = 600) -> dict[str, subprocess.CompletedProcess]:
     """Run ``recpost <args>`` for each named case (with its environment variables added): each in its own
-    process, through the real entry point (``recpost.cli.main``), with its own stdout, stderr and exit code.
-    The processes are forked from one that imported recpost once, so a case costs its own work, not an
-    interpreter start and the imports (~6 s each on a loaded 2-core machine)."""
-    import json
-
-    # Classes a config names (a test's callback) import from ``cwd`` even while jsonargparse reads a config
-    # file from inside that file's folder.
+    process, through the real entry point, with its own stdout, stderr and exit code (``recpost`` above:
+    forked by the launcher that imported recpost once, so a case costs its own work, not the imports).
+    Classes a config names (a test's callback) import from ``cwd``, which is on the path first."""
     path = os.pathsep.join(p for p in (str(cwd or Path.cwd()), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-c", _FORKING_RUNNER], input=json.dumps(
-        {name: [list(map(str, args)), case_env] for name, (args, case_env) in cases.items()}),
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"the forking runner failed:\n{done.stderr[-3000:]}")
-    return {name: subprocess.CompletedProcess(["recpost", *map(str, cases[name][0])], code, out, err)
-            for name, (code, out, err) in json.loads(done.stdout).items()}
+    return {name: recpost(*map(str, args), cwd=cwd, timeout=timeout, env={"PYTHONPATH": path, **case_env})
+            for name, (args, case_env) in cases.items()}
 
 
 def metrics_rows(run: RunFolder) -> list[dict[str, str]]:
