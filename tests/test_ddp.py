@@ -7,10 +7,12 @@ then ExpSFT, LinearSFT, A-SFT, PPO, DPO and online DPO from SFT with that reward
 with ``--trainer.strategy ddp``, with HSTU; with SASRec SFT and the reward model (the backbone set in the
 tiny config).
 
-Every launch pays seconds of imports per process, so each stage of the chain runs as one launch
-(``python -m tests.test_ddp fit|test1|test2 <folder>``, the CLI's own ``run_lightning_cli``): the
-DDP fits one after the other, the one-process reference tests, and the two-process tests in one DDP
-launch. Test and validation share the evaluation code; test also writes the per-user rows.
+Every DDP launch pays seconds of imports in each of its processes (Lightning starts the second rank as a
+fresh ``python -m`` of the same command), so the whole of it is one launch
+(``python -m tests.test_ddp <folder>``, the CLI's own ``run_lightning_cli``): each backbone's DDP fits one
+after the other, then its two-process tests. The one-process reference tests are ``recpost test``
+commands forked by the tests' launcher (``tests.helpers.recpost``). Test and validation share the
+evaluation code; test also writes the per-user rows.
 """
 
 from __future__ import annotations
@@ -76,56 +78,56 @@ def eval_root(folder: Path, method: str, processes: int) -> Path:
 CHAINS = {"hstu": list(EXPECTED), "sasrec": ["sft", "reward_model"]}
 
 
-def chain_methods(folder: Path) -> list[str]:
-    """The methods of the chain in ``folder`` (its backbone's, written by the fixture)."""
-    return CHAINS[(folder / "backbone").read_text().strip()]
+PAIRS = [(backbone, method) for backbone, methods in CHAINS.items() for method in methods]
 
 
-def run_chain(stage: str, folder: Path) -> None:
-    """``fit``: every method of the chain in turn with 2 DDP processes (each rank runs this; the process group
-    is kept). ``test1`` / ``test2``: every fitted method tested in one process / in two DDP processes."""
+def run_chains(root: Path) -> None:
+    """Every backbone's chain under ``root`` (``root/<backbone>``): its methods fitted in turn with 2 DDP
+    processes, then each tested with 2 DDP processes (each rank runs this; the process group is kept)."""
     from recpost.cli.main import run_lightning_cli
 
-    for method in chain_methods(folder):
-        if stage == "fit":
+    for backbone, methods in CHAINS.items():
+        folder = root / backbone
+        for method in methods:
             run_lightning_cli(["fit", *method_args(folder, method), *DDP,
                                "--trainer.default_root_dir", str(folder / method)])
-        else:
-            processes, devices = (1, ("--trainer.devices", "1")) if stage == "test1" else (2, DDP)
-            run_lightning_cli(["test", *eval_args(folder, method), *devices,
-                               "--trainer.default_root_dir", str(eval_root(folder, method, processes))])
+        for method in methods:
+            run_lightning_cli(["test", *eval_args(folder, method), *DDP,
+                               "--trainer.default_root_dir", str(eval_root(folder, method, 2))])
 
 
-@pytest.fixture(scope="module", params=["sasrec", "hstu"])
-def ddp_chain(tmp_path_factory, request) -> tuple[Path, subprocess.CompletedProcess]:
-    """The folder where every method was fitted under DDP and tested in one and in two processes (the
-    tiny config with ``request.param`` as its backbone), and the fits' output."""
-    from tests.helpers import write_tiny_config
+@pytest.fixture(scope="module")
+def ddp_chains(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The folder where every chain was fitted under DDP and tested in two processes and in one (the tiny
+    config with each backbone of CHAINS, in ``<folder>/<backbone>``), and the DDP launch's output."""
+    from tests.helpers import recpost, write_tiny_config
 
-    folder = tmp_path_factory.mktemp(f"ddp-{request.param}")
-    config = write_tiny_config(folder, max_epochs=1)
-    config.write_text(config.read_text().replace("    backbone:\n", f"    backbone:\n      name: {request.param}\n"))
-    (folder / "backbone").write_text(request.param)
-    outputs = {}
-    for stage in ("fit", "test1", "test2"):
-        outputs[stage] = subprocess.run([sys.executable, "-m", "tests.test_ddp", stage, str(folder)], cwd=ROOT,
-                                        capture_output=True, text=True, timeout=600)
-        assert outputs[stage].returncode == 0, f"{stage} chain failed:\n{outputs[stage].stderr[-3000:]}"
-    return folder, outputs["fit"]
+    root = tmp_path_factory.mktemp("ddp")
+    for backbone in CHAINS:
+        (root / backbone).mkdir()
+        config = write_tiny_config(root / backbone, max_epochs=1)
+        config.write_text(config.read_text().replace("    backbone:\n", f"    backbone:\n      name: {backbone}\n"))
+    out = subprocess.run([sys.executable, "-m", "tests.test_ddp", str(root)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, f"the DDP chains failed:\n{out.stderr[-3000:]}"
+    for backbone, method in PAIRS:
+        folder = root / backbone
+        one = recpost("test", *eval_args(folder, method), "--trainer.devices", "1",
+                      "--trainer.default_root_dir", str(eval_root(folder, method, 1)), cwd=ROOT)
+        assert one.returncode == 0, f"{backbone} {method}, one process:\n{one.stderr[-3000:]}"
+    return root, out
 
 
 @pytest.mark.slow
-def test_the_fits_ran_on_two_ranks(ddp_chain):
-    _, out = ddp_chain
+def test_the_fits_ran_on_two_ranks(ddp_chains):
+    _, out = ddp_chains
     assert "MEMBER: 2/2" in out.stderr  # Lightning's line of the second rank joining
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(EXPECTED))
-def test_fit_under_ddp_keeps_a_checkpoint_and_logs_validation(ddp_chain, method):
-    folder, _ = ddp_chain
-    if method not in chain_methods(folder):
-        pytest.skip(f"{method} runs under DDP on HSTU only (CHAINS)")
+@pytest.mark.parametrize("backbone,method", PAIRS)
+def test_fit_under_ddp_keeps_a_checkpoint_and_logs_validation(ddp_chains, backbone, method):
+    folder = ddp_chains[0] / backbone
     run = latest_run(folder / method)
     assert run.best_checkpoint.is_file()
     header = run.metrics_csv.read_text().splitlines()[0].split(",")
@@ -133,12 +135,10 @@ def test_fit_under_ddp_keeps_a_checkpoint_and_logs_validation(ddp_chain, method)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(EXPECTED))
-def test_two_process_test_metrics_and_per_user_rows_equal_one_process(ddp_chain, method):
+@pytest.mark.parametrize("backbone,method", PAIRS)
+def test_two_process_test_metrics_and_per_user_rows_equal_one_process(ddp_chains, backbone, method):
     # the per-user rows feed the experiment's paired bootstrap: they must be every user's, once
-    folder, _ = ddp_chain
-    if method not in chain_methods(folder):
-        pytest.skip(f"{method} runs under DDP on HSTU only (CHAINS)")
+    folder = ddp_chains[0] / backbone
     one, two = (latest_run(eval_root(folder, method, n)) for n in (1, 2))
     metrics = json.loads(one.metrics_json("test").read_text())
     assert metrics["test/n_users"] == 101
@@ -148,5 +148,5 @@ def test_two_process_test_metrics_and_per_user_rows_equal_one_process(ddp_chain,
     assert len(one.per_user_csv.read_text().splitlines()) == 1 + 101
 
 
-if __name__ == "__main__":  # launched by the ddp_chain fixture (and, for rank 1 of the fits, by Lightning)
-    run_chain(sys.argv[1], Path(sys.argv[2]))
+if __name__ == "__main__":  # launched by the ddp_chains fixture (and, for rank 1, by Lightning)
+    run_chains(Path(sys.argv[1]))

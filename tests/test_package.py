@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import recpost
-from tests.helpers import _FORKING_RUNNER
+from recpost.experiment.launch import Launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the sdist is built from: the files a source release carries (MANIFEST.in names the changelog).
@@ -88,14 +88,21 @@ def test_the_wheel_runs_the_main_job_from_an_empty_folder(tmp_path):
     file, runtime_version, metadata_version = where.stdout.split()
     assert Path(file).is_relative_to(venv) and runtime_version == metadata_version == version
 
-    # The commands through the console script's entry point (recpost.cli.main), each forked from one process
-    # that imported recpost once (an interpreter start and the imports cost seconds each on 2 loaded cores).
+    # The commands through the package's entry point (recpost.cli.main), each forked by the wheel's own
+    # launcher (recpost.cli.zygote under the venv's python), which imported recpost once: an interpreter
+    # start and the imports cost seconds each on 2 loaded cores. The console script calls the same main.
     assert "from recpost.cli import main" in script.read_text()
     cases = {"version": ["--version"], "configs": ["configs"], "dry run": ["experiment", "--dry-run"],
              "fit": ["fit", "--config", "pretrain/sim", *TINY_WORLD, "--trainer.default_root_dir", "runs/tiny"]}
-    done = _run([str(python), "-c", _FORKING_RUNNER], cwd=empty, env=env,
-                input=json.dumps({name: [args, {}] for name, args in cases.items()}))
-    results = {name: dict(zip(("code", "out", "err"), r)) for name, r in json.loads(done.stdout).items()}
+    launcher = Launcher(env, lambda: None, python=str(python), cwd=str(empty))
+    try:
+        results = {}
+        for name, args in cases.items():
+            out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+            code = launcher.start(args, out, err=str(err), env=env, cwd=str(empty)).wait(timeout=300)
+            results[name] = {"code": code, "out": out.read_text(), "err": err.read_text()}
+    finally:
+        launcher.close()
     for name, r in results.items():
         assert r["code"] == 0, f"{name}:\n{r['out'][-2000:]}\n{r['err'][-3000:]}"
     assert results["version"]["out"] == f"recpost {version}\n"

@@ -394,7 +394,7 @@ def test_the_training_curves_add_the_judges_panel_and_the_lambda_figures_cover_j
 
 
 def test_boolean_flags_of_a_function_command_work_alone_or_with_a_value():
-    from recpost.cli.main import _boolean_flags
+    from recpost.cli.functions import _boolean_flags
 
     spellings = {"--quick": "--quick", "--dry-run": "--dry_run", "--dry_run": "--dry_run"}
     assert _boolean_flags(["--quick", "--dry-run"], spellings) == ["--quick=true", "--dry_run=true"]

@@ -138,6 +138,15 @@ class RecpostCLI(LightningCLI):
             "trainer.default_root_dir": DEFAULT_ROOT_DIR,
         })
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        """LightningCLI's parsers, or the ones :func:`prebuild_parser` built before this process was forked
+        (building them costs ~1 CPU s a command: jsonargparse reads every class signature)."""
+        built = _PREBUILT.pop("parsers", None)
+        if built is None or not add_subcommands:
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            return
+        self.parser, self._subcommand_parsers, self._subcommand_method_arguments = built
+
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse; a bad key or value becomes one line naming it (and the closest accepted key)."""
         self.argv = list(sys.argv[1:] if args is None else args)
@@ -245,9 +254,34 @@ def _class_path(logger) -> str:
     return getter("class_path", "") if getter else type(logger).__name__
 
 
-def run_lightning_cli(args: list[str] | None = None) -> RecpostCLI:
+# The parsers prebuild_parser() built, taken by the next RecpostCLI (once: a process forked from the builder).
+_PREBUILT: dict[str, tuple] = {}
+
+
+class _Built(Exception):
+    """Stops a RecpostCLI once its parsers are built (prebuild_parser)."""
+
+
+def prebuild_parser() -> None:
+    """Build LightningCLI's parsers now, for the next ``fit|validate|test|predict`` in this process.
+
+    For a process that forks commands (recpost.cli.zygote): each forked child gets its own copy of the built
+    parsers, so parsing in one never reaches another. The parsers depend on the classes alone, not on the
+    command line, the working folder or the environment (configs and class paths are read when parsing)."""
+
+    class _BuildOnly(RecpostCLI):
+        def parse_arguments(self, parser, args) -> None:
+            raise _Built(self.parser, self._subcommand_parsers, self._subcommand_method_arguments)
+
+    try:
+        run_lightning_cli([], cli_class=_BuildOnly)
+    except _Built as built:
+        _PREBUILT["parsers"] = built.args
+
+
+def run_lightning_cli(args: list[str] | None = None, cli_class: type[RecpostCLI] | None = None) -> RecpostCLI:
     no_exit = {"exit_on_error": False}
-    return RecpostCLI(
+    return (cli_class or RecpostCLI)(
         RecModule,
         RecDataModule,
         subclass_mode_model=True,
@@ -303,46 +337,6 @@ def _first_doc_line(module: str, function: str) -> str:
     return doc.splitlines()[0].rstrip(".") if doc else ""
 
 
-def run_function_cli(name: str, args: list[str]) -> None:
-    """A ``FUNCTION_COMMANDS`` command: arguments from the function's typed signature.
-
-    (``jsonargparse.CLI`` would reserve ``--config`` for its own config files; for ``experiment``,
-    ``--config`` is the experiment YAML, as users expect.) A boolean ``some_flag`` is switched on by
-    ``--some-flag`` or ``--some_flag`` alone, as users spell flags (``--some_flag false`` still works).
-    """
-    import importlib
-    import inspect
-
-    from jsonargparse import ArgumentParser
-
-    module, function = FUNCTION_COMMANDS[name]
-    fn = getattr(importlib.import_module(module), function)
-    booleans = {f"--{spelling}": f"--{p}" for p, param in inspect.signature(fn).parameters.items()
-                if param.annotation in (bool, "bool") for spelling in {p, p.replace("_", "-")}}
-    args = _boolean_flags(args, booleans)
-    parser = ArgumentParser(prog=f"recpost {name}", description=fn.__doc__.splitlines()[0], exit_on_error=False)
-    parser.add_function_arguments(fn)
-    try:
-        parsed = parser.parse_args(args)
-    except ArgumentError as exc:
-        raise RecpostError(explain_parse_error(str(exc), [o.lstrip("-") for o in parser._option_string_actions])) from None
-    fn(**parsed.as_dict())
-
-
-def _boolean_flags(args: list[str], booleans: dict[str, str]) -> list[str]:
-    """``args`` with each boolean flag (``booleans``: its spellings -> ``--<parameter>``) given alone as
-    ``--<parameter>=true``, and given with a value (``--quick false``) as ``--<parameter> <value>``."""
-    out = []
-    for i, arg in enumerate(args):
-        if arg not in booleans:
-            out.append(arg)
-        elif i + 1 < len(args) and args[i + 1].lower() in ("true", "false", "yes", "no"):
-            out.append(booleans[arg])
-        else:
-            out.append(f"{booleans[arg]}=true")
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``recpost`` console script and ``python -m recpost``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -357,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     configure_output()
     try:
         if args[0] in FUNCTION_COMMANDS:
-            run_function_cli(args[0], args[1:])
+            from recpost.cli.functions import run_function_cli
+
+            run_function_cli(args[0], *FUNCTION_COMMANDS[args[0]], args[1:])
         elif args[0] in OWN_PARSER_COMMANDS:
             import importlib
 

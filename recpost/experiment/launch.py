@@ -48,9 +48,12 @@ class LauncherGone(RuntimeError):
 class Launcher:
     """The runner's end of ``python -m recpost.cli.zygote``: JSON lines in, JSON lines out."""
 
-    def __init__(self, env: dict[str, str], preexec_fn: Callable[[], None]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "recpost.cli.zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+    def __init__(self, env: dict[str, str], preexec_fn: Callable[[], None], python: str = sys.executable,
+                 cwd: str | None = None) -> None:
+        """``python``, ``cwd``: the interpreter the launcher runs under and its working folder (a test runs
+        another environment's: ``python -m`` imports from the working folder first)."""
+        self.proc = subprocess.Popen([python, "-m", "recpost.cli.zygote"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cwd,
                                      start_new_session=True, preexec_fn=preexec_fn)
         self._buffer = b""
         ready = self.read(READY_TIMEOUT_SECONDS)
