@@ -14,7 +14,8 @@ import pytest
 
 from recpost.core.errors import RecpostError
 from recpost.experiment import build_plan, experiment, load_study, write_results
-from recpost.experiment.plan import EVALUATOR_SEED_OFFSET, CheckpointOf, evaluator_overrides, resolve, with_loggers
+from recpost.experiment.plan import CheckpointOf, resolve, with_loggers
+from recpost.experiment.roles import EVALUATOR_SEED_OFFSET, evaluator_overrides
 from recpost.experiment.regimes import is_regime_map
 from recpost.experiment.runner import Runner
 from tests.helpers import latest_run
@@ -444,6 +445,32 @@ def test_only_seed_runs_one_seeds_stages_beside_another_and_the_whole_study_reus
     assert sorted({r["seed"] for r in rows}) == [0, 1] and len(rows) == len(whole.stages)
     with pytest.raises(RecpostError, match=r"--only_seed 2 is not one of the study's seeds 0\.\.1"):
         experiment(str(cfg), output_dir=str(out), only_seed=2)
+
+
+def test_methods_runs_those_methods_stages_and_what_they_need_and_the_whole_study_reuses_them(tmp_path, tiny_config,
+                                                                                               monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(Runner, "_recpost", _stand_in_cli(calls))
+    cfg, out = _rlhf_study(tmp_path, tiny_config), tmp_path / "out"
+    whole = build_plan(load_study(str(cfg)), out)
+    sft_only = build_plan(load_study(str(cfg)), out, methods=["sft"])
+    # SFT needs the base model, whose test is scored by the evaluator RM: no RM for training, no PPO, no DPO
+    assert [s.name for s in sft_only.stages] == ["seed0/eval_reward_model", "seed0/base", "seed0/sft/default"]
+    assert all(s == whole.stage(s.name) for s in sft_only.stages)  # the whole study's stages, keys and folders
+    assert "methods sft (and the stages they need) only" in sft_only.describe()
+    experiment(str(cfg), output_dir=str(out), methods=["ppo"])
+    ran = {c[c.index("--trainer.default_root_dir") + 1] for c in calls}
+    ppo = build_plan(load_study(str(cfg)), out, methods=["ppo"])
+    assert ran == {str(s.fit_root) for s in ppo.stages} | {str(s.test_root) for s in ppo.stages}
+    assert {s.method for s in ppo.stages} == {"reward_model", "eval_reward_model", "base", "ppo"}
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())] == [s.method for s in ppo.stages]
+    calls.clear()
+    experiment(str(cfg), output_dir=str(out))  # the rest of the study; PPO's stages and what they need reused
+    assert len(calls) == 2 * (len(whole.stages) - len(ppo.stages))
+    for bad, says in ((["dpoo"], "--methods: 'dpoo' is not a method of tiny-plan; did you mean dpo?"),
+                      ([], "--methods is empty; name some of tiny-plan's methods: sft, ppo, dpo")):
+        with pytest.raises(RecpostError, match=re.escape(says)):
+            experiment(str(cfg), output_dir=str(out), methods=bad)
 
 
 def test_a_failed_reward_model_fails_the_stages_that_need_it_and_only_those(tmp_path, tiny_config, monkeypatch):

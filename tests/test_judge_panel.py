@@ -11,7 +11,8 @@ import pytest
 from recpost.core.errors import RecpostError
 from recpost.experiment import build_plan, load_study
 from recpost.experiment.judging import study_backbone
-from recpost.experiment.plan import CheckpointOf, role_seed
+from recpost.experiment.plan import CheckpointOf
+from recpost.experiment.roles import role_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = (ROOT / "recpost" / "configs").resolve()

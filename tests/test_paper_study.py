@@ -12,9 +12,8 @@ import yaml
 
 from recpost.core.errors import RecpostError
 from recpost.experiment import build_plan, experiment, load_study, write_results
-from recpost.experiment.plan import (
-    ALL_TARGETS, ENSEMBLE_SEED_OFFSET, JUDGE_SEED_OFFSET, CheckpointOf, CheckpointsOf, resolve, role_seed,
-)
+from recpost.experiment.plan import ALL_TARGETS, CheckpointOf, CheckpointsOf, resolve
+from recpost.experiment.roles import ENSEMBLE_SEED_OFFSET, JUDGE_SEED_OFFSET, role_seed
 from recpost.experiment.runner import Runner
 from recpost.core.runs import LOGS_DIR, VERSION_PREFIX, RunFolder, run_folders
 

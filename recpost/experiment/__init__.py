@@ -36,7 +36,8 @@ __all__ = ["DEFAULT_CONFIG", "JudgeSpec", "MethodSpec", "Plan", "RegimeMap", "Re
 
 
 def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seeds: int | None = None,
-               dry_run: bool = False, quick: bool = False, only_seed: int | None = None) -> Path:
+               dry_run: bool = False, quick: bool = False, only_seed: int | None = None,
+               methods: list[str] | None = None) -> Path:
     """Run the whole study of an experiment config and write its results tables and figures.
 
     A config with a ``worlds:`` section (a regime map, e.g. ``configs/experiments/sim_regimes.yaml``) runs the
@@ -55,13 +56,16 @@ def experiment(config: str = DEFAULT_CONFIG, output_dir: str | None = None, seed
             side by side, one process or machine each, into the same ``output_dir`` (a shared file system);
             its tables go to ``<output_dir>/seed<N>/results.md``. The same command without ``--only_seed``
             then reuses every finished stage and writes the study's tables over all seeds.
+        methods: run these methods' stages alone (``--methods '[sft, dpo]'``), with the stages they need (the
+            base model, reward models, judges); the tables then cover these methods. Folders and stages are the
+            whole study's, so the command without ``--methods`` reuses every finished stage.
     """
     if is_regime_map(config):
-        if only_seed is not None:
-            raise RecpostError(f"{config} is a regime map; --only_seed runs one seed of a single study's config")
+        if only_seed is not None or methods is not None:
+            raise RecpostError(f"{config} is a regime map; --only_seed and --methods take a single study's config")
         return run_regime_map(config, output_dir, seeds, dry_run, quick)
     study = load_study(config, quick=quick)  # every stage's settings checked: a bad grid value stops here
-    plan = build_plan(study, Path(output_dir or f"runs/experiments/{study.name}"), seeds, only_seed)
+    plan = build_plan(study, Path(output_dir or f"runs/experiments/{study.name}"), seeds, only_seed, methods)
     check_output_dir(plan)
     if dry_run:
         print(plan.describe(), flush=True)

@@ -13,7 +13,7 @@ the panel mixes **kinds** of judges that share less and less with it:
 - ``mf``: a matrix-factorisation rating model (``recpost.methods.MFRewardModel``,
   ``configs/method/mf_reward_model.yaml``): no sequence encoder at all.
 
-Every judge trains on its own bootstrap resample of the users with its own seed (``plan.role_seed``).
+Every judge trains on its own bootstrap resample of the users with its own seed (``roles.role_seed``).
 The study's ``judges:`` section::
 
     judges:

@@ -28,62 +28,12 @@ from pathlib import Path
 from recpost.core.errors import RecpostError
 from recpost.experiment.judging import judge_configs
 from recpost.experiment.study import MethodSpec, Study
+from recpost.experiment.roles import ensemble_overrides, evaluator_overrides, judge_overrides, role_seed
 from recpost.experiment.trials import describe_trials
 from recpost.core.runs import BEST_CHECKPOINT
 
-# Offsets of the other reward models' seeds from the study seed (another initialisation and batch order):
-# the evaluator, the ensemble's members 1, 2, ... and the judges 0, 1, ..., SEED_STRIDE apart, so that
-# every reward model of a study has its own seed for up to SEED_STRIDE study seeds.
-EVALUATOR_SEED_OFFSET = 1000
-ENSEMBLE_SEED_OFFSET = 10_000
-JUDGE_SEED_OFFSET = 100_000
-SEED_STRIDE = 1000
 DEFAULT_MONITOR = ("val/ndcg@10", "max")  # what the pretrain and method configs select on already
 ALL_TARGETS = "--data.eval_min_rating=null"  # the second test of a study with eval_min_rating: every target
-
-
-def role_seed(seed: int, role: str, index: int = 0) -> int:
-    """The training seed of a reward model of study seed ``seed``: the study's RM (``reward_model``) has the
-    seed itself, the ``evaluator`` seed + 1000, ensemble member ``index`` (1, 2, ...) seed + 10,000 +
-    1000 (index - 1), judge ``index`` (0, 1, ...) seed + 100,000 + 1000 index."""
-    if role == "reward_model":
-        return seed
-    if role == "evaluator":
-        return seed + EVALUATOR_SEED_OFFSET
-    if role == "ensemble":
-        return seed + ENSEMBLE_SEED_OFFSET + SEED_STRIDE * (index - 1)
-    if role == "judge":
-        return seed + JUDGE_SEED_OFFSET + SEED_STRIDE * index
-    raise ValueError(f"no reward-model role {role!r}")
-
-
-def bootstrap_overrides(resample_seed: int) -> list[str]:
-    """Train on a bootstrap resample of the training users, drawn with ``resample_seed``."""
-    return ["--data.train_users=bootstrap", f"--data.train_users_seed={resample_seed}"]
-
-
-def evaluator_overrides(seed: int) -> list[str]:
-    """The evaluator RM's extra overrides: it trains on a bootstrap resample of the training users.
-
-    Another seed alone (``--seed_everything seed + EVALUATOR_SEED_OFFSET``) gives another
-    initialisation and batch order, but the same users: its errors would be correlated with the
-    training RM's, and a policy that exploits the training RM would look good to the evaluator too. A
-    resample of the users (seeded by the same offset seed) makes the two RMs err on different users.
-    """
-    return bootstrap_overrides(role_seed(seed, "evaluator"))
-
-
-def ensemble_overrides(seed: int, member: int) -> list[str]:
-    """Ensemble member ``member``'s (1, 2, ...) extra overrides: its own bootstrap resample of the training users,
-    so RS-DPO's members disagree where the data is thin, not only by initialisation."""
-    return bootstrap_overrides(role_seed(seed, "ensemble", member))
-
-
-def judge_overrides(seed: int, k: int) -> list[str]:
-    """Judge ``k``'s extra overrides: like the evaluator, its own bootstrap resample of the training users
-    (seeded by its own seed), so the judges err on other users than each other and than the RMs a method
-    trains against."""
-    return bootstrap_overrides(role_seed(seed, "judge", k))
 
 
 @dataclass(frozen=True)
@@ -254,6 +204,7 @@ class Plan:
     seeds: int
     stages: tuple[Stage, ...]
     only_seed: int | None = None  # ``--only_seed``: the stages of this seed alone
+    methods: tuple[str, ...] | None = None  # ``--methods``: these methods' stages and what they need alone
 
     @property
     def results_dir(self) -> Path:
@@ -274,6 +225,8 @@ class Plan:
         seeds = f"{self.seeds} seed" + ("s" if self.seeds > 1 else "")
         if self.only_seed is not None:
             seeds += f", seed {self.only_seed} only"
+        if self.methods is not None:
+            seeds += f", methods {', '.join(self.methods)} (and the stages they need) only"
         lines = [f"experiment {self.study.name}: {len(self.stages)} stages, {seeds}, into {self.out}",
                  f"<{BEST_CHECKPOINT}.ckpt of S>: the best checkpoint of stage S, which is fitted first; "
                  "[...]: left out if S fails. Each command also composes its stage's <fit|test|test_all>_loggers.yaml."]
@@ -285,10 +238,12 @@ class Plan:
         return "\n".join(lines)
 
 
-def build_plan(study: Study, out: Path, seeds: int | None = None, only_seed: int | None = None) -> Plan:
+def build_plan(study: Study, out: Path, seeds: int | None = None, only_seed: int | None = None,
+               methods: Sequence[str] | None = None) -> Plan:
     """The stages of ``study`` for ``seeds`` seeds (default: the study's), with folders under ``out``;
-    with ``only_seed``, the stages of that seed alone (the same stages, folders and keys as in the whole plan,
-    so the whole plan reuses them)."""
+    with ``only_seed``, the stages of that seed alone, and with ``methods``, the stages of those methods and
+    the stages they need (the same stages, folders and keys as in the whole plan, so the whole plan reuses
+    them)."""
     n_seeds = seeds if seeds is not None else study.seeds
     if n_seeds < 1:
         raise RecpostError(f"--seeds must be >= 1 (got {n_seeds})")
@@ -300,7 +255,33 @@ def build_plan(study: Study, out: Path, seeds: int | None = None, only_seed: int
                            "give one per seed")
     run = range(n_seeds) if only_seed is None else [only_seed]
     stages = tuple(s for seed in run for s in _seed_stages(study, out, seed))
-    return Plan(study, out, n_seeds, stages, only_seed)
+    if methods is not None:
+        stages = _stages_of(stages, _known_methods(study, methods))
+    return Plan(study, out, n_seeds, stages, only_seed, None if methods is None else tuple(methods))
+
+
+def _known_methods(study: Study, methods: Sequence[str]) -> list[str]:
+    """``methods`` (``--methods``), each checked against the study's."""
+    import difflib
+
+    names = [m.name for m in study.methods]
+    if not methods:
+        raise RecpostError(f"--methods is empty; name some of {study.name}'s methods: {', '.join(names)}")
+    for name in methods:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            raise RecpostError(f"--methods: {name!r} is not a method of {study.name}" + (
+                f"; did you mean {close[0]}?" if close else "") + f" (its methods: {', '.join(names)})")
+    return list(methods)
+
+
+def _stages_of(stages: tuple[Stage, ...], methods: list[str]) -> tuple[Stage, ...]:
+    """The stages of ``methods`` and every stage they need (the base model, reward models, judges), in order."""
+    keep = {s.name for s in stages if s.method in methods}
+    for stage in reversed(stages):  # a stage's needs come before it
+        if stage.name in keep:
+            keep.update(stage.needs)
+    return tuple(s for s in stages if s.name in keep)
 
 
 def _seed_stages(study: Study, out: Path, seed: int) -> list[Stage]:
