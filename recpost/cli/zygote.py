@@ -19,8 +19,9 @@ command for the other ranks), and the interpreter's exit up to its teardown: non
 atexit handlers (W&B's, Lightning's) run, output flushed (:func:`_exit`). The launcher built
 LightningCLI's parsers before forking (:func:`recpost.cli.main.prebuild_parser`) and froze its objects
 (``gc.freeze``), so a command pays its own work: ~0.4 s for one refused at parsing, against ~3.6 s with
-the parsers built per command and the interpreter's full teardown in the child. Forking is safe because this process has run no operator, started no Python thread and
-not touched CUDA; it checks, and otherwise declines. (The native threads its imports start, OpenBLAS's and
+the parsers built per command and the interpreter's full teardown in the child. Forking is safe because
+this process has run no operator, started no Python thread and not touched CUDA; it checks, and
+otherwise declines. (The native threads its imports start, OpenBLAS's and
 pyarrow's allocator's, are fork-aware, as every forked DataLoader worker relies on.)
 """
 
