@@ -109,7 +109,8 @@ def run_plan(plan: Plan) -> None:
         with Runner(plan) as runner:
             for stage, result in runner.run():
                 report.add(stage, result)
-                report.write()
+                if stage.name not in runner.reused:  # the tables after each stage that ran (and at the end):
+                    report.write()  # rewriting them after each of a resumed study's reused stages took minutes
             report.finish()
             if runner.wandb is not None:
                 log_results(runner.wandb, runner.wandb_mode, study.name, plan.results_dir, runner.say)

@@ -183,6 +183,7 @@ class Runner:
                     **({"WANDB_MODE": mode} if self.wandb else {})}
         self.progress = None
         self.overall = None
+        self.reused: set[str] = set()  # the stages reused from an earlier run, not run again
         parent = os.getpid()
         self.launcher = StageLauncher(self.env, lambda: _die_with_parent(parent), self.say)
         self._checkpoints: dict[str, str | None] = {}  # stage name -> its usable best checkpoint (None: none)
@@ -269,6 +270,7 @@ class Runner:
                               *(["--test-all-targets"] if stage.all_targets else [])])
         if test and done.get("key") == key and done.get("status") == "ok" and done.get("test_key") == test_key:
             self.say(f"{stage.label}: reused ({done['status']} {summary(done, stage.monitor, seconds=False)})")
+            self.reused.add(stage.name)
             return done
         stage.directory.mkdir(parents=True, exist_ok=True)
         started = time.time()
