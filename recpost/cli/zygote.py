@@ -125,11 +125,9 @@ def _exit(code: int) -> None:
 
 
 def _warm_up() -> None:
-    """Everything a command imports on its way, imported once here (the cost this program saves), and
-    LightningCLI's parsers built (~1 CPU s a command)."""
-    import lightning.pytorch  # noqa: F401
-
-    import recpost.methods  # noqa: F401
+    """Everything a command imports on its way (torch, Lightning, the methods: recpost.cli.main imports
+    them), imported once here (the cost this program saves), and LightningCLI's parsers built (~1 CPU s a
+    command)."""
     from recpost.cli.main import prebuild_parser
 
     prebuild_parser()

@@ -12,6 +12,8 @@ EVALUATOR_SEED_OFFSET = 1000
 ENSEMBLE_SEED_OFFSET = 10_000
 JUDGE_SEED_OFFSET = 100_000
 SEED_STRIDE = 1000
+
+
 def role_seed(seed: int, role: str, index: int = 0) -> int:
     """The training seed of a reward model of study seed ``seed``: the study's RM (``reward_model``) has the
     seed itself, the ``evaluator`` seed + 1000, ensemble member ``index`` (1, 2, ...) seed + 10,000 +
