@@ -72,3 +72,24 @@ def test_projections_are_batches_times_step_and_users_over_rate():
 def test_a_stage_out_of_memory_is_recorded_not_raised(tmp_path):
     figures, error = _run_stage({"stage": "preprocess", "shape": "ml20m", "cache_dir": str(tmp_path)}, tmp_path, 0.05)
     assert figures == {} and error  # 50 MiB of address space: the process cannot even start torch
+
+
+def test_the_figures_file_keeps_every_finished_stage_when_a_run_is_stopped(tmp_path, monkeypatch):
+    import json
+
+    from recpost.bench import scale
+
+    def fake_stage(job, data_root, limit):  # preprocess and sft measured, then the run is stopped (Ctrl-C, a kill)
+        if job.get("method") == "ppo":
+            raise KeyboardInterrupt
+        return {"seconds": 1.0 if job["stage"] == "preprocess" else 2.0}, None
+
+    monkeypatch.setattr(scale, "_run_stage", fake_stage)
+    monkeypatch.setattr(scale, "generate", lambda shape, root: {"path": str(root)})
+    out = tmp_path / "figures.json"
+    with pytest.raises(KeyboardInterrupt):
+        scale.scale_bench("ml20m", tmp_path, methods=["sft", "ppo"], output=str(out))
+    saved = json.loads(out.read_text())
+    assert saved["figures"]["preprocess/seconds"] == 1.0 and saved["figures"]["step/sft/seconds"] == 2.0
+    assert not any(k.startswith("step/ppo") for k in saved["figures"]) and saved["errors"] == {}
+    assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]  # written whole: no temporary file left

@@ -116,7 +116,7 @@ def bench(
         eval_users: ``synthetic``: validation users timed per model.
         memory_limit_gib: ``synthetic``: address-space limit of each stage's process (null: none).
         precision: ``synthetic``: the steps' precision (``bf16-mixed`` on a GPU).
-        output: ``synthetic``: also write the figures as JSON here.
+        output: ``synthetic``: also write the figures as JSON here, after every stage (a stopped run keeps what it measured).
         methods: ``synthetic``: the stages to time (``pretrain``, ``base``, method names); default every one.
     """
     if device == "cuda" and not torch.cuda.is_available():

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from recpost.bench.shipped import CONFIGS, shipped_study
 from recpost.bench.synthetic import Shape, generate, preset
+from recpost.core.files import atomic_open
 
 # One modern GPU, for the labelled projection: NVIDIA H100 SXM, dense bf16 tensor-core peak (the datasheet's
 # 989 TFLOP/s), at 20% model FLOPs utilisation: these models are small (d = 50-64), their matmuls thin, and the
@@ -95,6 +96,12 @@ def scale_bench(
     figures: dict[str, float] = {"threads": float(os.cpu_count() or 1), "load_average_1min": os.getloadavg()[0]}
     errors: dict[str, str] = {}
 
+    def write() -> None:  # after every stage: a run stopped after hours keeps what it measured
+        if output:
+            with atomic_open(output) as f:
+                json.dump({"figures": figures, "errors": errors, "gpu": GPU_NAME, "gpu_peak_flops": GPU_PEAK_FLOPS,
+                           "gpu_utilisation": GPU_UTILISATION}, f, indent=1)
+
     def stage(prefix: str, job: dict) -> dict[str, float]:
         found, error = _run_stage({**base, **job}, data_root, memory_limit_gib)
         for name, value in found.items():
@@ -104,6 +111,7 @@ def scale_bench(
             figures[f"{prefix}/failed"] = 1.0
             errors[prefix] = error
             print(f"{prefix}/failed: 1 ({error})", flush=True)
+        write()
         return found
 
     data = stage("preprocess", {"stage": "preprocess"})
@@ -115,9 +123,7 @@ def scale_bench(
     for name, value in projected.items():
         print(f"{name}: {value:.6g}", flush=True)
     figures.update(projected)
-    if output:
-        Path(output).write_text(json.dumps({"figures": figures, "errors": errors, "gpu": GPU_NAME,
-                                            "gpu_peak_flops": GPU_PEAK_FLOPS, "gpu_utilisation": GPU_UTILISATION}, indent=1))
+    write()
     return figures
 
 
