@@ -297,7 +297,11 @@ def test_differences_are_to_the_references_setting_chosen_on_validation(tmp_path
     assert saved[("exp_sft", 5e-4)]["intervals"]["test/ndcg@10"]["mean"] == pytest.approx(0.2)  # 0.5 - 0.3, not 0.5
     assert saved[("sft", 1e-4)]["intervals"]["test/ndcg@10"]["mean"] == pytest.approx(-0.3)  # the other lr: compared too
     md = (tmp_path / "results.md").read_text()
-    assert "| sft | lr=0.0005 **(chosen on val)** | 1/1 |" in md and md.count("0 (reference)") == 1
+    summary, full = [block for block in md.split("\n\n") if block.startswith("|")][:2]
+    assert "| sft | lr=0.0005 **(chosen on val)** | 1/1 |" in full and full.count("0 (reference)") == 1
+    # the summary first: each method's chosen setting only, the reference once
+    assert "| sft | lr=0.0005 | 1/1 |" in summary and "lr=0.0001" not in summary and summary.count("0 (reference)") == 1
+    assert len(summary.splitlines()) == 4  # the header, its rule, sft, exp_sft
 
 
 def test_the_lambda_figure_takes_each_lambda_at_the_learning_rate_validation_prefers():

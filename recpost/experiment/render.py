@@ -9,6 +9,10 @@ and ``intervals`` (each Δ column's mean difference to the reference and its 95%
 (an evaluator's or a judge's error correlation with the training RM), ``figures`` (the figures that show the
 row's method), and the budget and selection of the run: ``trials``, ``chosen_step``, ``val_at_start``.
 
+A study that tried several settings of a method opens with a summary: each method's row at its setting
+chosen on validation, with the columns a verdict reads (:data:`SUMMARY_KEYS`, the Δ intervals); the full table
+of every setting follows.
+
 Columns are listed once, in :data:`POLICY_COLUMNS` and :data:`RM_COLUMNS`: a new row field becomes a column
 by adding it there, and a column shows when some row has its field.
 
@@ -78,6 +82,10 @@ SELECTION_NOTE = ("`trials`: settings of the method tried in each seed (the same
                   "`chosen_step`: optimiser steps of each seed's chosen checkpoint, 0 when no update beat the starting "
                   "policy (validated before the first update, and kept); `val_at_start`: the selection metric of the "
                   "starting policy, which no chosen checkpoint falls below.")
+# The summary table's columns after the monitor (those present): what a verdict reads.
+SUMMARY_KEYS = ["val_at_start", "test/ndcg@10", "test/true_reward@10", "test/rm_reward@10", "test/judge_reward@10", "test_all/ndcg@10"]
+SUMMARY_NOTE = ("Each method at its setting chosen on validation (every setting and metric: the table after this "
+                "one, whose notes explain the columns).")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REGIMES_JSON = "regimes.json"
@@ -145,7 +153,10 @@ def render_results(rows: list[dict]) -> str:
     """The text of results.md: the policy table, the oracle selection (simulator), the reward models, figures."""
     groups = _groups(rows)
     policy = {k: v for k, v in groups.items() if k[0] not in RM_METHODS}
-    lines = _policy_table(policy) if policy else []
+    lines = []
+    if policy and any(n > 1 for n in _settings_per_method(policy).values()):
+        lines = [*_policy_table(_chosen(policy), SUMMARY_KEYS), ""]
+    lines += _policy_table(policy) if policy else []
     if any("oracle_chosen" in r for rs in policy.values() for r in rs):
         lines += ["", *_oracle_table(policy)]
     rm_rows = [r for r in rows if r["method"] in RM_METHODS]
@@ -206,12 +217,28 @@ def _runs(rows: list[dict]) -> str:
     return f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)}"
 
 
-def _policy_table(policy: dict[tuple[str, str], list[dict]]) -> list[str]:
+def _settings_per_method(policy: dict[tuple[str, str], list[dict]]) -> dict[str, int]:
+    n_settings: dict[str, int] = {}
+    for method, _ in policy:
+        n_settings[method] = n_settings.get(method, 0) + 1
+    return n_settings
+
+
+def _chosen(policy: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], list[dict]]:
+    """Each method's setting chosen on validation (a method of one setting: that one)."""
+    n_settings = _settings_per_method(policy)
+    return {key: rs for key, rs in policy.items() if n_settings[key[0]] == 1 or rs[0].get("chosen")}
+
+
+def _policy_table(policy: dict[tuple[str, str], list[dict]], keys: list[str] | None = None) -> list[str]:
+    """The policy table: every setting's row, or (``keys``: the columns to keep after the monitor) the summary of
+    the settings chosen on validation, which comes first."""
     first = next(iter(policy.values()))[0]
     monitor, mode = first.get("monitor", DEFAULT_MONITOR[0]), first.get("monitor_mode", DEFAULT_MONITOR[1])
     reference = first.get("reference", DEFAULT_REFERENCE)
     present = {k for rs in policy.values() for r in rs for k in r}
-    cols = [Column(monitor), *(c for c in POLICY_COLUMNS if c.key in present and c.key != monitor)]
+    cols = [Column(monitor), *(c for c in POLICY_COLUMNS if c.key in present and c.key != monitor
+                               and (keys is None or c.key in keys))]
     # Δ columns where the runner paired the runs (rows written before it did, or snapshots of tables without
     # intervals, have no ``intervals``).
     paired = [c for c in PAIRED_COLUMNS if c in present and c in {col.key for col in cols}] if "intervals" in present else []
@@ -225,9 +252,9 @@ def _policy_table(policy: dict[tuple[str, str], list[dict]]) -> list[str]:
     header = ["method", "setting", "seeds", *per_run, *(c.key for c in cols),
               *(f"Δ {c} vs {reference} [95% CI]" for c in paired)]
     lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
-    n_settings: dict[str, int] = {}
-    for method, _ in policy:
-        n_settings[method] = n_settings.get(method, 0) + 1
+    if keys is not None:
+        lines.insert(0, SUMMARY_NOTE + "\n")
+    n_settings = _settings_per_method(policy)
     one_seed = False
     for key, rs in policy.items():
         method, setting = key
@@ -242,6 +269,8 @@ def _policy_table(policy: dict[tuple[str, str], list[dict]]) -> list[str]:
             one_seed |= seeds == 1
             cells.append(cell)
         lines.append(f"| {method} | {setting_text(json.loads(setting))}{mark} | {_runs(rs)} | {' | '.join(cells)} |")
+    if keys is not None:
+        return lines
     keys = [c.key for c in cols]
     notes = [note for note, shown in ((SELECTION_NOTE, bool(per_run)),
                                       (ALL_TARGETS_NOTE, any(k.startswith("test_all/") for k in keys)),
