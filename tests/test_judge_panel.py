@@ -134,7 +134,8 @@ def _rows() -> list[dict]:
         return {"method": method, "setting": {"lam": 1.0} if method == "exp_sft" else {}, "seed": seed, "status": "ok",
                 "chosen": chosen, "test/judge0_rank_corr@10": corr0, "test/judge1_rank_corr@10": corr1,
                 "test/judge_rank_corr@10": (corr0 + corr1) / 2, "test/judge0_rm_overlap@10": overlap0,
-                "test/judge1_rm_overlap@10": overlap1, "test/judge_reward@10": 3.9}
+                "test/judge1_rm_overlap@10": overlap1, "test/judge_reward@10": 3.9, "test/judge0_reward@10": 3.8 + seed / 10,
+                "test/judge1_reward@10": 4.0}
 
     return [judge(0, "same_base", 0, 0.99, 1.01), judge(0, "same_base", 1, 0.97, 1.03), judge(1, "mf", 0, 0.6, 0.99),
             judge(1, "mf", 1, 0.7, 0.98), policy("sft", 0, True, 0.9, 0.1), policy("sft", 1, True, 0.8, 0.3),
@@ -152,6 +153,9 @@ def test_the_judge_tables_render_the_panel_and_the_agreement_from_the_rows_alone
     assert "| sft | - | 2 | 0.850 ± 0.071 | 0.200 ± 0.141 | 0.525 ± 0.035 | - | 3.900 ± 0.000 |" in md
     assert "| ppo | - | 1 | 0.500 | -0.500 | 0.000 | 4.300 | 3.900 |" in md
     assert "exp_sft" not in md  # only the settings chosen on validation
+    # each judge's rating of the policy's top 10, beside the training RM's (PPO's only: it trains against it)
+    assert "| method | setting | seeds | training RM | judge0 (same_base) | judge1 (mf) |" in md
+    assert "| sft | - | 2 | - | 3.850 ± 0.071 | 4.000 ± 0.000 |" in md and "| ppo | - | 1 | 4.300 | 3.800 | 4.000 |" in md
     assert "Reward hacking is claimed only where" in md
     assert judge_tables([r for r in rows if r["method"] != "judge"]) == []  # no judges, no table
 

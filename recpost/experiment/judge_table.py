@@ -8,6 +8,8 @@ of the training reward model, and how far it agrees with it where each policy go
 - **Agreement on the recommended items**, one line per method (its setting chosen on validation):
   ``judge<k>_rank_corr@10``, the Spearman correlation of judge ``k``'s and the training RM's predicted ratings
   of the policy's top 10 per test user, next to the training RM's and the judges' ratings of those items.
+- **Each judge's rating** of each policy's top 10 (``judge<k>_reward@10``) beside the training RM's: whether
+  every judge, not only their mean, follows the training RM's rise.
 
 Mean ± std over seeds. A judge near 1 on all three is a copy of the training RM and cannot tell exploitation
 of its errors from a real move to well-rated items; only a judge that can disagree can confirm either.
@@ -33,9 +35,15 @@ AGREEMENT_NOTE = ("Agreement on the items each policy recommends (off the logged
                   "seeds. Reward hacking is claimed only where the training RM's rating rises and judges that can "
                   "disagree with it (low error correlation, overlap and rank correlation) do not follow.")
 
+RATINGS_NOTE = ("Each judge's mean predicted rating of each policy's top 10 (test users; the setting chosen on "
+                "validation, mean ± std over seeds), beside the training RM's (only the methods that train against "
+                "it are scored by it): a policy that raises the training RM's rating while judges that can disagree "
+                "with it stay at the starting policy's (`base`) exploits the training RM; judges that rise with it "
+                "support a real move to better-rated items, as far as they are independent of it.")
+
 
 def judge_tables(rows: list[dict]) -> list[str]:
-    """The two tables of the module docstring as lines of markdown (none without judges)."""
+    """The tables of the module docstring as lines of markdown (none without judges)."""
     judges: dict[int, list[dict]] = {}
     for r in rows:
         if r["method"] == JUDGE and isinstance(r.get("setting"), dict) and "judge" in r["setting"]:
@@ -63,9 +71,19 @@ def judge_tables(rows: list[dict]) -> list[str]:
               "mean rank corr.", "training RM's rating of the top 10", "judges' rating of the top 10"]
     lines += ["", AGREEMENT_NOTE, "", f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     for method, rs in chosen.items():
-        setting = ", ".join(f"{k}={v}" for k, v in rs[0]["setting"].items()) or "-"
-        lines.append(f"| {method} | {setting} | {len(rs)} | {' | '.join(_cell(rs, c) for c in cols)} |")
+        lines.append(f"| {method} | {_setting(rs)} | {len(rs)} | {' | '.join(_cell(rs, c) for c in cols)} |")
+    rating_cols = [f"test/judge{k}_reward@10" for k in sorted(judges)]
+    if any(c in r for rs in chosen.values() for r in rs for c in rating_cols):
+        header = ["method", "setting", "seeds", "training RM", *(f"judge{k} ({kinds[k]})" for k in sorted(judges))]
+        lines += ["", RATINGS_NOTE, "", f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+        for method, rs in chosen.items():
+            cells = [_cell(rs, c) for c in ("test/rm_reward@10", *rating_cols)]
+            lines.append(f"| {method} | {_setting(rs)} | {len(rs)} | {' | '.join(cells)} |")
     return lines
+
+
+def _setting(rows: list[dict]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in rows[0]["setting"].items()) or "-"
 
 
 def _cell(rows: list[dict], key: str) -> str:
