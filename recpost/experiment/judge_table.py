@@ -33,7 +33,8 @@ AGREEMENT_NOTE = ("Agreement on the items each policy recommends (off the logged
                   "them): Spearman correlation, per test user, of each judge's and the training RM's predicted "
                   "ratings of the policy's top 10, mean over users; the setting chosen on validation, mean ± std over "
                   "seeds. Reward hacking is claimed only where the training RM's rating rises and judges that can "
-                  "disagree with it (low error correlation, overlap and rank correlation) do not follow.")
+                  "disagree with it (low overlap and rank correlation here; the error correlation on logged "
+                  "ratings is high for any two reasonable models) do not follow.")
 
 RATINGS_NOTE = ("Each judge's mean predicted rating of each policy's top 10 (test users; the setting chosen on "
                 "validation, mean ± std over seeds), beside the training RM's (only the methods that train against "

@@ -83,7 +83,8 @@ SELECTION_NOTE = ("`trials`: settings of the method tried in each seed (the same
                   "policy (validated before the first update, and kept); `val_at_start`: the selection metric of the "
                   "starting policy, which no chosen checkpoint falls below.")
 # The summary table's columns after the monitor (those present): what a verdict reads.
-SUMMARY_KEYS = ["val_at_start", "test/ndcg@10", "test/true_reward@10", "test/rm_reward@10", "test/judge_reward@10", "test_all/ndcg@10"]
+SUMMARY_KEYS = ["val_at_start", "test/ndcg@10", "test/true_reward@10", "test/rm_reward@10", "test/judge_reward@10",
+                "test_all/ndcg@10"]
 SUMMARY_NOTE = ("Each method at its setting chosen on validation (every setting and metric: the table after this "
                 "one, whose notes explain the columns).")
 RESULTS_JSON = "results.json"
