@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from recpost.experiment.render import REGIMES_JSON, REGIMES_MD, RESULTS_JSON, RESULTS_MD, report
+from recpost.experiment.render import REGIMES_JSON, REGIMES_MD, RESULTS_JSON, RESULTS_MD
+from recpost.experiment.rerender import report
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

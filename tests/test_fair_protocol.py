@@ -255,6 +255,9 @@ def test_every_preset_tunes_every_method_alike_and_validates_the_preference_meth
         assert study.trials and {len(m.settings()) for m in study.methods} == {study.trials}, study.name
         for method in study.methods:
             assert "lr" in method.space and all("lr" in s for s in method.settings()), method.name
+            if "--validation.at_start=false" in method.overrides:  # a run kept unselected on purpose (judges_ml100k)
+                assert study.name == "judges_ml100k" and method.name.endswith("_pushed"), (study.name, method.name)
+                continue
             often = any(o.startswith(("--validation.every_n_steps=", "--trainer.val_check_interval="))
                         for o in method.overrides)
             assert often == (method.method_class.__name__ in PREFERENCE_AND_RL), (study.name, method.name)

@@ -9,7 +9,9 @@ import pytest
 
 from recpost.core.errors import RecpostError
 from recpost.experiment import render, write_results
-from recpost.experiment.render import Column, render_regimes, render_results, report
+from recpost.experiment.regime_tables import render_regimes
+from recpost.experiment.render import Column, render_results
+from recpost.experiment.rerender import report
 
 
 def _study_rows() -> tuple[list[dict], dict]:

@@ -311,7 +311,7 @@ FUNCTION_COMMANDS = {
 }
 # Commands with positional arguments (`recpost configs cp NAME DEST`) parse their own: name -> (module, function(args)).
 OWN_PARSER_COMMANDS = {"configs": ("recpost.cli.configs", "configs"),
-                       "report": ("recpost.experiment.render", "report_command")}
+                       "report": ("recpost.experiment.rerender", "report_command")}
 
 
 def overview() -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from recpost.experiment import figures
 from recpost.experiment.regimes import REFERENCE, RegimeMap, World
-from recpost.experiment.render import ORACLE_METRICS, ORACLE_MONITOR, RM_METHODS, render_regimes, selection_cost  # noqa: F401
+from recpost.experiment.regime_tables import render_regimes, selection_cost  # noqa: F401
+from recpost.experiment.render import ORACLE_METRICS, ORACLE_MONITOR, RM_METHODS  # noqa: F401
 
 # The flag in results.json of each selection, and how the tables name it.
 SELECTIONS = {"offline": "chosen", "oracle": "oracle_chosen"}
@@ -55,7 +56,7 @@ def regime_records(worlds: list[tuple[World, list[dict]]]) -> list[dict]:
 
 def write_regime_results(regimes: RegimeMap, out: Path) -> Path:
     """regimes.json, regimes.md and the heatmaps from the results of the worlds run so far (their results.json).
-    regimes.md is rendered from the regimes.json just written (:func:`.render.render_regimes`), so
+    regimes.md is rendered from the regimes.json just written (:func:`.regime_tables.render_regimes`), so
     ``recpost report`` on the folder gives the same bytes."""
     worlds = [(w, json.loads(p.read_text())) for w in regimes.worlds if (p := out / w.name / "results.json").is_file()]
     records = regime_records(worlds)

@@ -1,5 +1,5 @@
 """results.md as a pure function of results.json: ``recpost experiment`` writes the rows, then this
-module's rendering of them; ``recpost report DIR`` renders the same file again, byte for byte.
+module's rendering of them; ``recpost report DIR`` (:mod:`.rerender`) renders the same file again, byte for byte.
 
 Everything a table shows is a field of the rows. The runner computes what needs more than the rows (the
 paired bootstrap over per-user results, the reward models' error correlations, the figures) and stores it in
@@ -27,9 +27,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
-from recpost.core.errors import RecpostError
 from recpost.experiment.judge_table import judge_tables
 
 
@@ -91,63 +89,6 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REGIMES_JSON = "regimes.json"
 REGIMES_MD = "regimes.md"
-
-
-def report(results_dir: str) -> Path:
-    """Render a study's results.md again from its results.json (the tables `recpost experiment` writes).
-
-    A regime map's folder (with ``regimes.json``) gets its ``regimes.md`` rendered again the same way.
-
-    Args:
-        results_dir: the folder holding the study's ``results.json`` (an experiment's output folder, a seed
-            folder of ``--only_seed``, a regime map's folder, or a snapshot kept elsewhere); the Markdown is
-            written beside it.
-    """
-    folder = Path(results_dir)
-    written = []
-    if (folder / REGIMES_JSON).is_file():
-        summary = _read_json(folder / REGIMES_JSON, dict, "a regime map's summary")
-        written.append(folder / REGIMES_MD)
-        written[-1].write_text(render_regimes(summary))
-    if (folder / RESULTS_JSON).is_file() or not written:
-        rows = _read_json(folder / RESULTS_JSON, list, "a list of result rows")
-        if not all(isinstance(r, dict) and "method" in r for r in rows):
-            raise RecpostError(f"{folder / RESULTS_JSON} is not a list of result rows; give the results.json of a "
-                               "`recpost experiment` run")
-        written.append(folder / RESULTS_MD)
-        written[-1].write_text(render_results(rows))
-    for path in written:
-        print(f"results: {path}", flush=True)
-    return written[-1]
-
-
-def _read_json(path: Path, kind: type, what: str):
-    if not path.is_file():
-        raise RecpostError(f"{path} does not exist; give the output folder of a `recpost experiment` run")
-    try:
-        value = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecpostError(f"{path} is not JSON ({exc}); re-run the experiment to write it again") from None
-    if not isinstance(value, kind):
-        raise RecpostError(f"{path} is not {what}; give the output folder of a `recpost experiment` run")
-    return value
-
-
-def report_command(args: list[str]) -> None:
-    """Render a study's results.md again from its results.json (recpost report DIR)
-
-    ``recpost report DIR``: the folder is the one positional argument, so this command parses its own
-    arguments (the typed-function commands take options only).
-    """
-    if args in (["-h"], ["--help"]):
-        print("usage: recpost report DIR\n\n" + report.__doc__.split("Args:")[0].strip()
-              + "\n\nDIR: the folder holding results.json (an experiment's output folder, a seed folder of "
-                "--only_seed, or a snapshot); results.md is written beside it.")
-        return
-    if len(args) != 1 or args[0].startswith("-"):
-        raise RecpostError(f"recpost report takes one folder, the one holding results.json (got {' '.join(args) or 'none'}); "
-                           "e.g. recpost report runs/experiments/sim")
-    report(args[0])
 
 
 def render_results(rows: list[dict]) -> str:
@@ -352,60 +293,3 @@ def _rm_error_correlation(rm_rows: list[dict]) -> list[str]:
                           f"{statistics.mean(corrs):.3f}{spread}. 1 would make {who} a copy of the training RM, blind "
                           "to a policy that exploits its errors."]
     return lines
-
-
-def render_regimes(summary: dict) -> str:
-    """The text of a regime map's regimes.md from its regimes.json (``summary``): per metric and selection a
-    table of the worlds (a method's mean Δ to the reference over seeds), then the cost of choosing offline."""
-    monitor, reference, records = summary["monitor"], summary["reference"], summary["rows"]
-    oracle_monitor = summary.get("oracle_monitor", ORACLE_MONITOR)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    worlds = summary["worlds"]
-    done = {r["world"] for r in records}
-    lines = [f"# Regime map {summary['name']}: test true reward over {reference}", "",
-             f"{len(done)} of {len(worlds)} worlds have results ({summary['config']}). Each cell: the method's mean "
-             f"over seeds of (its value - {reference}'s in the same world and seed), at the setting chosen as the "
-             f"table says (shown when the method has several); the {reference} column is its own value. `-` in a "
-             "setting column: the study's value. Intervals: each world's results.md (paired bootstrap over users)."]
-    keys = list(dict.fromkeys([*summary["axes"], *(k for w in worlds for k in w["settings"])]))
-    several = set(summary.get("several_settings", []))
-    digits = summary.get("digits", 4)  # a snapshot of an older table keeps that table's precision
-    for metric in ORACLE_METRICS:
-        for selection, chosen_on in (("offline", monitor), ("oracle", f"{oracle_monitor} (oracle, not available offline)")):
-            cells = {(r["world"], r["method"]): r for r in records if r["selection"] == selection}
-            if not any(r[part].get(metric) is not None for r in cells.values() for part in ("value", "delta")):
-                continue  # neither selection nor metric in the records (a snapshot of an older, smaller table)
-            lines += ["", f"## Δ {metric} vs {reference}, setting chosen on {chosen_on}", "",
-                      f"| world | {' | '.join([*keys, *methods])} |", "|" + "---|" * (1 + len(keys) + len(methods))]
-            for world in worlds:
-                row = [str(world["settings"].get(k, "-")) for k in keys]
-                row += [_regime_cell(cells.get((world["name"], m)), metric, m == reference, m in several, digits)
-                        for m in methods]
-                lines.append(f"| {world['name']} | {' | '.join(row)} |")
-    costs = {method: [selection_cost(records, method, metric) for metric in ORACLE_METRICS] for method in methods}
-    if any(c is not None for cs in costs.values() for c in cs):
-        lines += ["", f"## What choosing on {monitor} costs: mean over worlds of (oracle Δ - offline Δ)", "",
-                  f"| method | {' | '.join(ORACLE_METRICS)} |", "|" + "---|" * (1 + len(ORACLE_METRICS))]
-        for method, cs in costs.items():
-            lines.append(f"| {method} | {' | '.join('-' if c is None else f'{c:+.{digits}f}' for c in cs)} |")
-    if summary.get("heatmap") is None:
-        lines += ["", "No heatmaps: the grid has fewer than two axes with several values."]
-    return "\n".join(lines) + "\n"
-
-
-def selection_cost(records: list[dict], method: str, metric: str) -> float | None:
-    """Mean over worlds of (oracle - offline) difference to the reference: what the offline choice costs."""
-    by_world = {(r["world"], r["selection"]): r["delta"].get(metric) for r in records if r["method"] == method}
-    gaps = [by_world[(w, "oracle")] - d for (w, s), d in by_world.items()
-            if s == "offline" and d is not None and by_world.get((w, "oracle")) is not None]
-    return statistics.mean(gaps) if gaps else None
-
-
-def _regime_cell(record: dict | None, metric: str, reference: bool, show_setting: bool, digits: int = 4) -> str:
-    """A regime table cell: the reference's value, or a method's difference (and its chosen setting)."""
-    if record is None or record["delta" if not reference else "value"].get(metric) is None:
-        return "-"
-    if reference:
-        return f"{record['value'][metric]:.{digits}f}"
-    return f"{record['delta'][metric]:+.{digits}f}" + (f" ({setting_text(record['setting'])})"
-                                                 if show_setting and record["setting"] else "")
