@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 
 from recpost.experiment.judge_table import judge_tables
@@ -159,11 +160,8 @@ def _runs(rows: list[dict]) -> str:
     return f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)}"
 
 
-def _settings_per_method(policy: dict[tuple[str, str], list[dict]]) -> dict[str, int]:
-    n_settings: dict[str, int] = {}
-    for method, _ in policy:
-        n_settings[method] = n_settings.get(method, 0) + 1
-    return n_settings
+def _settings_per_method(policy: dict[tuple[str, str], list[dict]]) -> Counter[str]:
+    return Counter(method for method, _ in policy)
 
 
 def _chosen(policy: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], list[dict]]:
